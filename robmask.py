@@ -1,0 +1,1860 @@
+"""robmask.py: Adversarial Masking and RobMask in one readable file.
+
+A reference implementation of "Adversarial Masking: Towards Understanding Robustness Trade-off for
+Generalization" (RobMask). The paper is the spec; read this file top to bottom and you meet it in order:
+
+  §2  Preliminaries ...... PGD, the inner maximisation of adversarial training (pgd)
+                           batch norm split into normalisation and rescaling (MaskedBatchNorm2d)
+  §3  Adversarial masking . BN rescaling + ReLU acts as a feature mask; fine-tune only BN to move along the
+                           clean/robust trade-off (finetune-bn), and mix two maskings with a slider (tradeoff)
+  §4  RobMask ............ encode ε into u, combine k bases W, W' (encode), methods as branch lists
+                           (METHODS), one step of Algorithm 1 (train_step)
+  §5  Experiments ........ models, data, the training loop, eval (PGD-100, AutoAttack), bench, plots, report
+
+Where the paper lives in the code (one home per symbol):
+  W, W'   MaskedBatchNorm2d.W and .Wp: k rows of γ bases and β bases
+  u       MaskedBatchNorm2d.u, set for a whole model by set_mask(); computed by encode()
+  γ, β    computed in MaskedBatchNorm2d.forward as Σ_j u_j w_j and Σ_j u_j w'_j
+  ε_i     a branch's strength × args.eps_max, in train_step()
+  p       drawn once per mini-batch in train_epoch() (or fixed by --fix-p)
+
+Speed and scale (details where they are used):
+  * CIFAR-sized data lives on the training device as uint8; crop+flip run there, batch by batch
+    (DeviceData). No DataLoader workers. ImageNet uses a DataLoader with workers (LoaderData).
+  * The attack never computes weight gradients: parameters are frozen while PGD runs (pgd).
+  * The attack updates one preallocated x_adv in place; the clean branch is never attacked.
+  * One backward per step for all branches (BranchLoss), so DDP sees one forward and one backward.
+  * --amp (bf16 autocast), --channels-last, --compile (nn.Module.compile, state_dict keys unchanged).
+  * torchrun: each process takes its slice of the global batch; rank 0 logs and checkpoints.
+
+Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
+        python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched
+        python robmask.py --help
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMAT = "robmask/1"  # written into every checkpoint; anything else is refused as foreign
+
+
+# =============================================================================================
+# §0  Errors. Bad input gets one line on stderr and exit status 2, never a traceback.
+# =============================================================================================
+class UserError(Exception):
+    """A problem with what the user asked for. main() prints it as one line and exits 2."""
+
+
+def die(msg):
+    raise UserError(msg)
+
+
+def log(*a, **kw):
+    """Print on rank 0 only, so that torchrun jobs don't print every line N times."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+def warn(msg):
+    log(f"robmask: warning: {msg}", file=sys.stderr)
+
+
+# =============================================================================================
+# §2  Preliminaries: adversarial training and batch normalisation
+# =============================================================================================
+# Adversarial training (Madry et al.) solves  min_θ Σ_i max_{x'∈B∞(x_i,ε)} ℓ(f_θ(x'), y_i).
+# The inner max has no closed form for a deep net; PGD approximates it with m signed-gradient
+# steps of size α, each followed by a projection back onto the ε-ball (and onto [0,1], since the
+# models here take pixels in [0,1]: the dataset mean/std live inside the model, see Normalize).
+def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True):
+    """L∞ untargeted PGD with a uniform random start. Returns x_adv with |x_adv-x|∞ ≤ ε, in [0,1].
+
+    model  : anything mapping x in [0,1] to logits. Set the mask (set_mask) and the BN mode first:
+             the attack uses whatever the model is set to, so each branch attacks with its own u.
+    alpha  : step size, ε/5 by default (paper §5).
+    freeze_params: turn off requires_grad on the parameters while attacking, so that backward never
+             computes a weight gradient (the attack needs ∂ℓ/∂x only). False reproduces the common
+             implementation (loss.backward() with weight gradients computed and then thrown away);
+             it exists for `bench`, which measures what freezing saves.
+    """
+    if eps == 0 or steps == 0:
+        return x
+    alpha = eps / 5 if alpha is None else alpha
+    lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)  # the feasible box: ε-ball ∩ [0,1]
+    x_adv = torch.empty_like(x).uniform_(-eps, eps).add_(x).clamp_(lo, hi).requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params if freeze_params else []:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
+            if freeze_params:
+                (grad,) = torch.autograd.grad(loss, x_adv)
+            else:
+                loss.backward()
+                grad = x_adv.grad
+            with torch.no_grad():  # step along the sign, then project: in place, the one buffer
+                x_adv.add_(grad.sign(), alpha=alpha).clamp_(lo, hi)
+            x_adv.grad = None
+    finally:
+        for p in params if freeze_params else []:
+            p.requires_grad_(True)
+        if not freeze_params:
+            model.zero_grad(set_to_none=True)
+    return x_adv.detach()
+
+
+# Batch normalisation (Ioffe & Szegedy), §2:  O = γ·(I - μ)/sqrt(σ² + eps) + β, per channel.
+# The paper splits it into two operations: *normalisation* (μ, σ², from the batch in training
+# and from running averages at test time) and *rescaling* (γ, β). §3.1 shows that fine-tuning
+# only the BN layers moves a model along the clean/robust trade-off, and that it is γ (not μ, σ)
+# that changes: rescaling followed by ReLU zeroes some channels and magnifies others, a *mask*.
+#
+# §4 (RobMask) makes the rescaling a function of the perturbation strength ε_i: with an
+# encoding u_i ∈ R^k of ε_i and k learnt bases,  γ_i = Σ_j u_ij w_j  and  β_i = Σ_j u_ij w'_j,
+# i.e. γ_i = u_i W, β_i = u_i W' for low-rank matrices W, W' (k × C).
+#
+# One layer serves every method in the paper:
+#   k=1, u=[1]            is nn.BatchNorm2d (standard training and Madry adversarial training)
+#   k=2, u∈{e1,e2}        is AdvProp's dual BN: two independent BatchNorm2d
+#   k=3, u one-hot        is the multi-BN ablation of Table 7
+#   k=2, u=[1-p, p]       is RobMask
+# Two choices here are ours, where the paper is silent: (a) every basis j keeps its own running
+# statistics (μ_j, σ²_j), updated with weight u_j, and evaluation mixes them with the same u; and
+# (b) RobMask trains a clean branch beside the adversarial one (see METHODS). Both make the
+# paper's claim "AdvProp is RobMask with k=2 and p frozen at 1" literally true, and the tests
+# check it bit for bit.
+class MaskedBatchNorm2d(nn.Module):
+    """BatchNorm2d with k bases for the affine rescaling and the running statistics.
+
+    Parameters: W (k×C) holds the γ bases w_j, Wp (k×C) the β bases w'_j (the paper's W').
+    Buffers: running_mean, running_var (k×C), one row per basis; u (k,), the current encoding,
+    which set_mask() sets for the whole model before a forward (not saved in checkpoints).
+    """
+
+    def __init__(self, num_features, k=1, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features, self.k, self.eps, self.momentum = num_features, k, eps, momentum
+        self.W = nn.Parameter(torch.ones(k, num_features))  # γ bases, initialised like BN's γ=1
+        self.Wp = nn.Parameter(torch.zeros(k, num_features))  # β bases (W'), like BN's β=0
+        self.register_buffer("running_mean", torch.zeros(k, num_features))
+        self.register_buffer("running_var", torch.ones(k, num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("u", encode(0.0, k), persistent=False)
+        self.update_stats = True  # False: normalise with batch stats but leave running stats alone
+
+    def forward(self, x):
+        u = self.u[:, None]  # (k, 1). Elementwise ops, not a matmul, so autocast keeps them fp32
+        gamma = (u * self.W).sum(0)  # γ = Σ_j u_j w_j   (Algorithm 1: γ_i ← Σ_j u_ij w_j)
+        beta = (u * self.Wp).sum(0)  # β = Σ_j u_j w'_j  (Algorithm 1: β_i ← Σ_j u_ij w'_j)
+        if not self.training:  # evaluation: normalise with the u-mixture of the bases' statistics
+            mean, var = (u * self.running_mean).sum(0), (u * self.running_var).sum(0)
+            return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, self.eps)
+        if not self.update_stats:  # e.g. a PGD attack in train-BN mode: batch stats, no update
+            return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.eps)
+        # Training: normalise with the batch statistics. With momentum=1 the kernel writes the batch
+        # mean and unbiased variance into these two scratch tensors, so we get them without a second
+        # pass over x; each basis then moves toward them by momentum·u_j. With k=1, u=[1] that is
+        # exactly BatchNorm2d's update (up to float rounding: PyTorch mixes in double on the CPU).
+        batch_mean = torch.zeros(self.num_features, device=x.device, dtype=self.running_mean.dtype)
+        batch_var = torch.zeros_like(batch_mean)
+        out = F.batch_norm(x, batch_mean, batch_var, gamma, beta, True, 1.0, self.eps)
+        with torch.no_grad():
+            w = self.momentum * u  # basis j moves by momentum·u_j; a basis with u_j=0 stays put
+            self.running_mean.mul_(1 - w).add_(w * batch_mean)
+            self.running_var.mul_(1 - w).add_(w * batch_var)
+            self.num_batches_tracked.add_(1)
+        return out
+
+    def extra_repr(self):
+        return f"{self.num_features}, k={self.k}, eps={self.eps}, momentum={self.momentum}"
+
+
+def convert_masked_bn(module, k=1):
+    """Swap every nn.BatchNorm2d in `module` for a MaskedBatchNorm2d with k bases, each basis a copy
+    of the BatchNorm2d's γ, β and running stats (in the spirit of SyncBatchNorm.convert_sync_batchnorm).
+    Models are written once with ordinary BatchNorm2d; this turns them into any method's model."""
+    if isinstance(module, nn.BatchNorm2d):
+        if not (module.affine and module.track_running_stats) or module.momentum is None:
+            raise ValueError("convert_masked_bn needs BatchNorm2d(affine=True, track_running_stats=True, momentum=float)")
+        new = MaskedBatchNorm2d(module.num_features, k, module.eps, module.momentum)
+        with torch.no_grad():
+            new.W.copy_(module.weight.expand(k, -1))
+            new.Wp.copy_(module.bias.expand(k, -1))
+            new.running_mean.copy_(module.running_mean.expand(k, -1))
+            new.running_var.copy_(module.running_var.expand(k, -1))
+            new.num_batches_tracked.copy_(module.num_batches_tracked)
+        return new.to(module.weight.device)
+    for name, child in module.named_children():
+        module.add_module(name, convert_masked_bn(child, k))
+    return module
+
+
+def masked_layers(model):
+    return [m for m in model.modules() if isinstance(m, MaskedBatchNorm2d)]
+
+
+def num_bases(model):
+    return masked_layers(model)[0].k
+
+
+def set_mask(model, u):
+    """Give every masked BN layer of `model` the encoding u (a length-k vector) for the next forward.
+    u is rebound, never written in place: a branch's forward saves its u for the backward pass, and
+    the next branch must not overwrite it before the single backward of the step (BranchLoss)."""
+    layers = masked_layers(model)
+    u = torch.as_tensor(u, dtype=torch.float32).to(layers[0].W.device)
+    if u.shape != (layers[0].k,):
+        raise ValueError(f"mask u has shape {tuple(u.shape)}, the model has k={layers[0].k} bases")
+    for m in layers:
+        m.u = u
+
+
+@contextlib.contextmanager
+def attack_bn_mode(model, mode):
+    """BN behaviour while PGD runs inside a training step (--attack-bn):
+    'eval' : use the running statistics (what TRADES, OAT and most AdvProp ports do);
+    'train': use the batch statistics but leave the running statistics untouched."""
+    was_training = model.training
+    if mode == "eval":
+        model.eval()
+    for m in masked_layers(model):
+        m.update_stats = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for m in masked_layers(model):
+            m.update_stats = True
+
+
+class FixedMask(nn.Module):
+    """x in [0,1] -> logits, always with the mask u: what an attack library (AutoAttack) needs."""
+
+    def __init__(self, model, u):
+        super().__init__()
+        self.model = model
+        self.register_buffer("u", torch.as_tensor(u, dtype=torch.float32))
+
+    def forward(self, x):
+        set_mask(self.model, self.u)
+        return self.model(x)
+
+
+def fixed_mask(model, p=0.0, u=None):
+    """The model as a plain classifier with the mask u(p) (or an explicit u)."""
+    return FixedMask(model, encode(p, num_bases(model)) if u is None else u)
+
+
+# =============================================================================================
+# §3  Adversarial masking: the analysis tools
+# =============================================================================================
+# §3.1: fine-tune only BN (everything else frozen) of a standard model on adversarial examples, or
+# of an adversarially trained model on clean images, and the model moves along the clean/robust
+# trade-off. Which parts of BN are allowed to move (--params of finetune-bn):
+BN_PARTS = {
+    "affine": ("W", "Wp"),  # γ and β (running stats are re-estimated too, as in any BN training)
+    "gamma": ("W",),  # γ only: the rescaling that §3.1 finds responsible
+    "beta": ("Wp",),  # β only
+    "stats": (),  # no gradient step at all: only the running mean/var are re-estimated
+}
+
+
+def trainable_parameters(model, bn_part=None):
+    """All parameters, or (for finetune-bn) only the chosen parts of the masked BN layers. The rest
+    get requires_grad=False, so they get no gradient, no weight decay and stay bitwise unchanged."""
+    if bn_part is None:
+        return list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    chosen = [getattr(m, name) for m in masked_layers(model) for name in BN_PARTS[bn_part]]
+    for p in chosen:
+        p.requires_grad_(True)
+    return chosen
+
+
+# §3.2: with two maskings (γ, β) and (γ', β'), the combination (1-p)(γ, β) + p(γ', β') gives a
+# model per p, a trade-off slider without retraining. That is exactly our layer with k=2 and
+# u=[1-p, p], so combine_checkpoints() just stacks the two models' BN layers as the two bases.
+def combine_checkpoints(path_a, path_b, device="cpu"):
+    """A k=2 model whose bases are the BN layers of two k=1 checkpoints that differ only in BN."""
+    (model_a, args_a), (model_b, args_b) = load_checkpoint(path_a, device), load_checkpoint(path_b, device)
+    for key in ("arch", "width", "num_classes"):
+        if args_a[key] != args_b[key]:
+            die(f"{path_a} and {path_b} differ in {key} ({args_a[key]} vs {args_b[key]}); the two-checkpoint "
+                "trade-off needs one architecture, e.g. a model and its finetune-bn copy")
+    if num_bases(model_a) != 1 or num_bases(model_b) != 1:
+        die("the two-checkpoint trade-off combines two single-BN (k=1) checkpoints; for one RobMask or "
+            "AdvProp checkpoint, pass it alone to sweep its own encoding")
+    bn_keys = {f"{n}.{t}" for n, m in model_a.named_modules() if isinstance(m, MaskedBatchNorm2d)
+               for t in ("W", "Wp", "running_mean", "running_var", "num_batches_tracked")}
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    for key in sd_a:
+        if key not in bn_keys and not torch.equal(sd_a[key], sd_b[key]):
+            die(f"{path_a} and {path_b} differ outside BN (tensor {key}); the two-checkpoint trade-off needs "
+                "models that differ only in BN, e.g. a model and its finetune-bn copy")
+    model = build_model(args_a["arch"], args_a["num_classes"], 2, args_a["width"], args_a["dataset"])
+    sd = dict(sd_a)
+    for key in bn_keys:
+        sd[key] = sd_a[key] if key.endswith("num_batches_tracked") else torch.cat([sd_a[key], sd_b[key]])
+    model.load_state_dict(sd)
+    return model.to(device).eval(), args_a
+
+
+# =============================================================================================
+# §4  RobMask
+# =============================================================================================
+# Encoding (§4): a strength ε_i = p·ε_max becomes u ∈ R^k by "hat" functions over k evenly spaced
+# anchors a_j = j/(k-1) in [0,1]: u_j = max(0, 1 - (k-1)|p - a_j|). For k=2 that is the paper's
+# u = (1-p)·u_0 + p·u_max = [1-p, p]. AdvProp-style methods keep their BNs separate ("onehot"):
+# the clean BN at p=0, else the adversarial basis whose anchor is nearest to p.
+def encode(p, k, onehot=False):
+    if k == 1:
+        return torch.ones(1)
+    anchors = torch.linspace(0, 1, k)
+    p = min(max(float(p), 0.0), 1.0)  # strengths beyond ε_max use the ε_max mask
+    if onehot:
+        j = 0 if p == 0 else 1 + int(torch.argmin((anchors[1:] - p).abs()))
+        return F.one_hot(torch.tensor(j), k).float()
+    return (1 - (p - anchors).abs() * (k - 1)).clamp(min=0)
+
+
+# Methods as data. One training step of any method is a list of branches; a branch is a strength
+# (ε/ε_max, or "p", drawn per mini-batch) with the mask u = encode(strength). The step attacks each
+# branch with its own mask, forwards it, sums the mean CE losses and takes one SGD step.
+#   name              k     encoding   branch strengths
+METHODS = {
+    "bn": (1, "hat", (0,)),  # standard training
+    "adv": (1, "hat", (1,)),  # Madry PGD training
+    "advprop": (2, "onehot", (0, 1)),  # Xie et al. 2020: clean BN + auxiliary adversarial BN
+    "advprop-random": (2, "onehot", (0, "p")),  # Table 7: the auxiliary BN sees a random strength
+    "advprop-multi": (3, "onehot", (0, 0.5, 1)),  # Table 7: one more auxiliary BN, at ε_max/2
+    "robmask": (None, "hat", (0, "p")),  # §4: k from --k; --robmask-adv-only drops the clean branch
+}
+
+
+def method_k(args):
+    return METHODS[args.method][0] or args.k or 2
+
+
+def mask_for(args, p):
+    """The encoding u(p) that the run's method uses for strength p = ε/ε_max."""
+    return encode(p, method_k(args), METHODS[args.method][1] == "onehot")
+
+
+def branches(args, p):
+    """[(ε_i/ε_max, u_i), ...] for one mini-batch with the drawn p (Algorithm 1, lines 3-4)."""
+    strengths = METHODS[args.method][2]
+    if args.method == "robmask" and args.robmask_adv_only:  # Algorithm 1 read literally
+        strengths = ("p",)
+    out = []
+    for s in strengths:
+        s = p if s == "p" else s
+        out.append((s, mask_for(args, s)))
+    return out
+
+
+def method_draws_p(args):
+    return "p" in METHODS[args.method][2] and args.fix_p is None
+
+
+class BranchLoss(nn.Module):
+    """Σ_i mean CE(f(x_i; γ(u_i), β(u_i)), y) over a step's branches, in a single forward.
+    Wrapping this (not the network) in DistributedDataParallel means DDP sees one forward and one
+    backward per step however many branches there are: each parameter's gradient is accumulated
+    over all branches by autograd before DDP's hook all-reduces it, exactly once."""
+
+    def __init__(self, net, amp=contextlib.nullcontext):
+        super().__init__()
+        self.net, self.amp = net, amp
+
+    def forward(self, xs, us, y):
+        loss = 0.0
+        for x, u in zip(xs, us):
+            set_mask(self.net, u)
+            with self.amp():
+                logits = self.net(x)
+            loss = loss + F.cross_entropy(logits.float(), y)
+        return loss
+
+
+def train_step(net, step_module, opt, x, y, p, args, amp=contextlib.nullcontext):
+    """One iteration of Algorithm 1 for any method: returns the summed loss (a 0-d tensor).
+    step_module is BranchLoss(net), or that wrapped in DistributedDataParallel."""
+    xs, us = [], []
+    for strength, u in branches(args, p):
+        eps_i = strength * args.eps_max  # ε_i ← p·ε_max
+        if eps_i > 0:  # the clean branch (ε=0) is never attacked
+            set_mask(net, u)  # attack with the branch's own mask
+            with attack_bn_mode(net, args.attack_bn), amp():
+                x_i = pgd(net, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True))
+        else:
+            x_i = x
+        xs.append(x_i)
+        us.append(u)
+    if opt is None:  # finetune-bn --params stats: forward only, to re-estimate the running stats
+        with torch.no_grad():
+            return step_module(xs, us, y)
+    loss = step_module(xs, us, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # one backward for all branches: W, W' and θ updated together (lines 8-10)
+    opt.step()
+    return loss.detach()
+
+
+# =============================================================================================
+# §5  Experiments
+# =============================================================================================
+# ---- 5.1 Models ------------------------------------------------------------------------------
+# CIFAR models after kuangliu/pytorch-cifar (the de-facto reference; the tests check that the
+# parameter counts match it). Written with plain nn.BatchNorm2d; build_model() converts them.
+# --width scales the base channel count (64 in the paper), for CPU-sized runs.
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+class Normalize(nn.Module):
+    """The model's first layer: (x - mean)/std. Images and attacks live in [0,1] pixel space."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def conv(cin, cout, k=3, stride=1, groups=1):
+    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+
+
+class PreActBlock(nn.Module):  # He et al. 2016b: BN-ReLU-conv, twice; shortcut from the first BN-ReLU
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv(cin, cout, 3, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv(cout, cout)
+        self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
+
+
+class BasicBlock(nn.Module):  # He et al. 2016a: conv-BN-ReLU-conv-BN, add, ReLU
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = conv(cin, cout, 3, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = conv(cout, cout), nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNeXtBlock(nn.Module):  # Xie et al. 2017: 1x1, grouped 3x3 (cardinality 2), 1x1 to 2x width
+    def __init__(self, cin, width, stride, cardinality=2):
+        super().__init__()
+        cout = 2 * width
+        self.conv1, self.bn1 = conv(cin, width, 1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv(width, width, 3, stride, cardinality), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = conv(width, cout, 1), nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class DenseLayer(nn.Module):  # Huang et al.: BN-ReLU-1x1(4g)-BN-ReLU-3x3(g), concatenated to the input
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv(cin, 4 * growth, 1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(4 * growth), conv(4 * growth, growth)
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+        return torch.cat([out, x], 1)
+
+
+class Transition(nn.Sequential):  # BN-ReLU-1x1 conv-2x2 average pool, halving the channels
+    def __init__(self, cin, cout):
+        super().__init__(nn.BatchNorm2d(cin), nn.ReLU(), conv(cin, cout, 1), nn.AvgPool2d(2))
+
+
+def stages(block, cin, widths, depths, expansion=1):
+    """Residual stages: the first block of every stage after the first downsamples by 2."""
+    layers = []
+    for i, (w, n) in enumerate(zip(widths, depths)):
+        for b in range(n):
+            layers.append(block(cin, w, 2 if i > 0 and b == 0 else 1))
+            cin = w * expansion
+    return layers, cin
+
+
+def cifar_body(arch, width):
+    """(layers, feature channels) of a CIFAR model; the caller adds pooling and the classifier."""
+    w = width
+    if arch == "preactresnet18":
+        layers, c = stages(PreActBlock, w, [w, 2 * w, 4 * w, 8 * w], [2, 2, 2, 2])
+        return [conv(3, w)] + layers, c
+    if arch == "resnet18":
+        layers, c = stages(BasicBlock, w, [w, 2 * w, 4 * w, 8 * w], [2, 2, 2, 2])
+        return [conv(3, w), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
+    if arch == "resnext29":  # 2x64d: cardinality 2, bottleneck width 64 doubling per stage
+        layers, c = stages(ResNeXtBlock, w, [2 * w, 4 * w, 8 * w], [3, 3, 3], expansion=2)
+        return [conv(3, w, 1), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
+    if arch == "densenet121":  # growth 32 at width 64, blocks 6-12-24-16, compression 0.5
+        g, c = w // 2, w
+        layers = [conv(3, c)]
+        for i, n in enumerate([6, 12, 24, 16]):
+            for _ in range(n):
+                layers.append(DenseLayer(c, g))
+                c += g
+            if i < 3:
+                layers.append(Transition(c, c // 2))
+                c //= 2
+        return layers + [nn.BatchNorm2d(c), nn.ReLU()], c
+    raise ValueError(arch)
+
+
+ARCHS = ("preactresnet18", "resnet18", "resnext29", "densenet121")
+ARCH_ALIASES = {"resnext": "resnext29", "resnext29_2x64d": "resnext29", "preactresnet": "preactresnet18"}
+
+
+def build_model(arch, num_classes, k=1, width=64, dataset="cifar10"):
+    """The network for `arch`, with its BN layers as MaskedBatchNorm2d(k) and Normalize first."""
+    arch = ARCH_ALIASES.get(arch, arch)
+    mean, std = MEAN_STD.get(dataset, MEAN_STD["cifar10"])
+    if dataset == "imagenet":
+        import torchvision
+
+        if arch != "resnet18" or width != 64:
+            raise ValueError("ImageNet uses torchvision's resnet18 at width 64 (--arch resnet18 --width 64)")
+        body = torchvision.models.resnet18(num_classes=num_classes)
+    else:
+        layers, c = cifar_body(arch, width)
+        body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    return convert_masked_bn(nn.Sequential(Normalize(mean, std), body), k)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- 5.2 Data --------------------------------------------------------------------------------
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def balanced_order(labels):
+    """Indices that visit the classes round-robin (class 0's first, class 1's first, ...). Any
+    prefix of it is a fixed, class-balanced subset, the same on every call whatever the seed.
+    (Image folders are sorted by class, so "the first N" would be one or two classes.)"""
+    labels = torch.as_tensor(labels)
+    per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    longest = max(len(i) for i in per_class)
+    table = torch.full((len(per_class), longest), -1, dtype=torch.long)
+    for c, idx in enumerate(per_class):
+        table[c, : len(idx)] = idx
+    order = table.t().flatten()
+    return order[order >= 0]
+
+
+def subset_indices(labels, n):
+    """A fixed class-balanced subset of size n (all of them for n=None or n ≥ len)."""
+    if not n or n >= len(labels):
+        return torch.arange(len(labels))
+    return balanced_order(labels)[:n].sort().values
+
+
+def list_image_folder(root):
+    """(paths, labels, classes) of root/<class>/<image>; non-image files are skipped with a warning."""
+    if not os.path.isdir(root):
+        die(f"{root} does not exist; an image-folder dataset needs {root}/<class>/<image>.png|jpg")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    paths, labels, skipped = [], [], []
+    for c, name in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(root, name))):
+            (paths if f.lower().endswith(IMAGE_EXTS) else skipped).append(os.path.join(root, name, f))
+            if f.lower().endswith(IMAGE_EXTS):
+                labels.append(c)
+    for f in skipped[:5]:
+        warn(f"skipping non-image file {f}")
+    if len(skipped) > 5:
+        warn(f"... and {len(skipped) - 5} more non-image files under {root}")
+    if not paths:
+        die(f"no images found under {root}; expected {root}/<class>/<name>.png or .jpg")
+    return paths, torch.tensor(labels), classes
+
+
+def decode_images(paths, labels):
+    """Decode files to one uint8 tensor (N,3,H,W). Unreadable files are skipped with a warning, here,
+    before training, so that a bad file can never crash an epoch halfway."""
+    import numpy as np
+    from PIL import Image
+
+    images, keep = [], []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+            keep.append(i)
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            warn(f"skipping unreadable image {path} ({str(e).splitlines()[0]})")
+    if not images:
+        die(f"none of the {len(paths)} images under {os.path.dirname(os.path.dirname(paths[0]))} could be decoded")
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) > 1:
+        die(f"images of different sizes {sorted(shapes)[:2]} under {os.path.dirname(paths[0])}; the CIFAR "
+            "reader needs one size (use --dataset imagenet for resized ImageFolder data)")
+    return torch.stack(images), labels[keep]
+
+
+def synthetic_data(n_train=2560, n_test=512, num_classes=10, size=32):
+    """A small learnable dataset made in memory, for tests and CI: every class is a smooth random
+    colour pattern, every image that pattern plus noise. Fixed seed: the same data for every run."""
+    g = torch.Generator().manual_seed(1234)
+    protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=size, mode="bilinear")
+
+    def make(n):
+        y = torch.arange(n) % num_classes
+        x = protos[y] * 0.6 + 0.2 + 0.2 * torch.randn(n, 3, size, size, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    return (*make(n_train), *make(n_test), [str(c) for c in range(num_classes)])
+
+
+def cifar_arrays(args):
+    """(x_train, y_train, x_test, y_test, classes) as uint8/int64 CPU tensors for cifar10/cifar100."""
+    root = args.data_dir or "data"
+    if args.data_dir and not os.path.isdir(root):
+        die(f"--data-dir {root} does not exist; point it at CIFAR (torchvision's files or train/ and test/ "
+            "class folders), or create it so that torchvision can download CIFAR into it")
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        out = []
+        for split, n in (("train", args.subset), ("test", args.test_n)):
+            paths, labels, classes = list_image_folder(os.path.join(root, split))
+            idx = subset_indices(labels, n)  # choose first, decode only what is used
+            out += [*decode_images([paths[i] for i in idx], labels[idx])]
+        return (*out, classes)
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    os.makedirs(root, exist_ok=True)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            sets = [cls(root, train=t, download=True) for t in (True, False)]
+    except Exception as e:  # offline, or a half-downloaded archive
+        die(f"could not read or download {args.dataset} in {root} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"offline, give --data-dir a folder holding either torchvision's {cls.base_folder}/ or "
+            "train/<class>/*.png|jpg and test/<class>/*.png|jpg")
+    out = []
+    for s, n in zip(sets, (args.subset, args.test_n)):
+        x, y = torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)
+        idx = subset_indices(y, n)
+        out += [x[idx], y[idx]]
+    return (*out, sets[0].classes)
+
+
+def to_float(x_uint8, channels_last=False):
+    x = x_uint8.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class DeviceData:
+    """CIFAR-sized data kept on the training device as uint8, augmented there one batch at a time
+    (random crop with 4-pixel zero padding, horizontal flip): the airbench approach. No workers, no
+    host-to-device copies in the loop. Every random number comes from a generator derived from
+    (seed, epoch), drawn for the *global* batch: a DDP rank gets exactly the images, crops and flips
+    that a single process would have had at that position, and a resumed run gets the same epoch."""
+
+    def __init__(self, x_train, y_train, x_test, y_test, classes, device, channels_last=False):
+        self.x_train, self.y_train = x_train.to(device), y_train.to(device)
+        self.x_test, self.y_test = x_test.to(device), y_test.to(device)
+        self.classes, self.device, self.channels_last = classes, device, channels_last
+
+    def steps_per_epoch(self, batch_size):
+        return len(self.y_train) // batch_size  # drop the last partial batch: equal steps on all ranks
+
+    def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        n, per_rank = len(self.y_train), batch_size // world
+        order = torch.randperm(n, generator=g)
+        for s in range(self.steps_per_epoch(batch_size)):
+            idx = order[s * batch_size:(s + 1) * batch_size]
+            dy, dx = torch.randint(0, 9, (2, batch_size), generator=g)
+            flip = torch.rand(batch_size, generator=g) < 0.5
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            x = self.augment(self.x_train[idx[mine].to(self.device)], dy[mine], dx[mine], flip[mine])
+            yield to_float(x, self.channels_last), self.y_train[idx[mine].to(self.device)]
+
+    def augment(self, x, dy, dx, flip):
+        b, c, h, w = x.shape
+        padded = F.pad(x, (4, 4, 4, 4))
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = dx[:, None] + torch.arange(w)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+        dev = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return padded[dev(torch.arange(b)[:, None, None, None]), dev(torch.arange(c)[None, :, None, None]),
+                      dev(rows), dev(cols)]
+
+    def test_batches(self, batch_size, n=None, rank=0, world=1):
+        idx = subset_indices(self.y_test.cpu(), n).to(self.device)[rank::world]
+        for i in range(0, len(idx), batch_size):
+            j = idx[i:i + batch_size]
+            yield to_float(self.x_test[j], self.channels_last), self.y_test[j]
+
+
+def _safe_pil_loader(path):
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:
+        warnings.warn(f"skipping unreadable image {path} ({e})")
+        return None
+
+
+def _drop_unreadable(batch):
+    return torch.utils.data.default_collate([b for b in batch if b[0] is not None])
+
+
+class LoaderData:
+    """ImageNet: ImageFolder train/ and val/, standard transforms, a DataLoader with workers, pinned
+    memory and persistent workers, and a DistributedSampler (also for one process, for one code path)."""
+
+    def __init__(self, args, device, rank, world):
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+
+        root, s = args.data_dir or "data/imagenet", args.image_size
+        for split in ("train", "val"):
+            list_image_folder(os.path.join(root, split))  # clear errors for a missing/empty folder
+        train_tf = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor()])
+        test_tf = T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor()])
+        wrap = lambda tf: (lambda im: None if im is None else tf(im))  # noqa: E731
+        self.train_set = ImageFolder(os.path.join(root, "train"), wrap(train_tf), loader=_safe_pil_loader)
+        self.test_set = ImageFolder(os.path.join(root, "val"), wrap(test_tf), loader=_safe_pil_loader)
+        if args.subset:
+            self.train_set = torch.utils.data.Subset(self.train_set, subset_indices(self.train_set.targets, args.subset))
+        self.classes, self.device, self.rank, self.world = self.test_set.classes, device, rank, world
+        self.args = args
+
+    def _loader(self, dataset, batch_size, sampler=None, train=False):
+        return torch.utils.data.DataLoader(
+            dataset, batch_size, sampler=sampler, num_workers=self.args.workers, drop_last=train,
+            pin_memory=self.device.type == "cuda", persistent_workers=train and self.args.workers > 0,
+            collate_fn=_drop_unreadable)
+
+    def steps_per_epoch(self, batch_size):
+        return len(self.train_set) // batch_size
+
+    def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
+        if not hasattr(self, "train_loader"):
+            sampler = torch.utils.data.DistributedSampler(self.train_set, world, rank, seed=seed, drop_last=True)
+            self.train_loader = self._loader(self.train_set, batch_size // world, sampler, train=True)
+        self.train_loader.sampler.set_epoch(epoch)
+        for x, y in self.train_loader:
+            yield self._to(x), y.to(self.device, non_blocking=True)
+
+    def test_batches(self, batch_size, n=None, rank=0, world=1):
+        idx = subset_indices(self.test_set.targets, n)[rank::world].tolist()
+        for x, y in self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size):
+            yield self._to(x), y.to(self.device, non_blocking=True)
+
+    def _to(self, x):
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.args.channels_last else x
+
+
+def load_data(args, device, rank=0, world=1):
+    if args.dataset == "imagenet":
+        return LoaderData(args, device, rank, world)
+    if args.dataset == "synthetic":
+        xtr, ytr, xte, yte, classes = synthetic_data()
+        itr, ite = subset_indices(ytr, args.subset), subset_indices(yte, args.test_n)
+        return DeviceData(xtr[itr], ytr[itr], xte[ite], yte[ite], classes, device, args.channels_last)
+    return DeviceData(*cifar_arrays(args), device, args.channels_last)
+
+
+# ---- 5.3 Checkpoints -------------------------------------------------------------------------
+def atomic_write(path, write):
+    """Write to a temporary file in the same folder, flush, fsync, rename over `path`, fsync the
+    folder. A kill at any moment leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True (tensors and plain Python only), with one-line errors."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        die(f"checkpoint {path} does not exist; train one with `robmask.py train --out DIR` and pass DIR/checkpoint.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"(?:Unsupported global|GLOBAL)[^\n]*", str(e))
+        die(f"{path} holds pickled code ({what.group(0) if what else 'a non-tensor object'}); refused without "
+            "running it. Only weights are loaded: get the checkpoint from its source, or re-save its state_dict")
+    except Exception as e:
+        die(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); re-run the "
+            "training with --resume (it restarts from the last good checkpoint) or restore a copy")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        die(f"{path} is not a robmask checkpoint (no format '{FORMAT}'); robmask only loads files it wrote")
+    return ckpt
+
+
+def load_state(model, state, path, what):
+    """load_state_dict, but a mismatch is one sentence naming it instead of a wall of keys."""
+    own = model.state_dict()
+    for key, t in own.items():
+        if key not in state:
+            die(f"{path} does not fit {what}: it has no tensor {key} (a checkpoint of another architecture?)")
+        if state[key].shape != t.shape:
+            die(f"{path} does not fit {what}: {key} is {tuple(state[key].shape)} in the checkpoint but "
+                f"{tuple(t.shape)} in the model (another k, width or class count?)")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        die(f"{path} does not fit {what}: it has an extra tensor {extra[0]} (a checkpoint of another architecture?)")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, args dict) from a robmask checkpoint."""
+    ckpt = read_checkpoint(path)
+    a = ckpt["args"]
+    model = build_model(a["arch"], a["num_classes"], a["k"], a["width"], a["dataset"])
+    load_state(model, ckpt["model"], path, f"{a['arch']} (k={a['k']}, {a['num_classes']} classes)")
+    return model.to(device).eval(), a
+
+
+# ---- 5.4 Training ------------------------------------------------------------------------------
+def setup_device(args):
+    """(device, rank, world). Under torchrun: one process per GPU (nccl), or gloo on the CPU."""
+    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {want} was asked for, but no CUDA device is visible; use --device cpu")
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if want.startswith("cuda"):
+            want = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(want)
+    return torch.device(want), rank, world
+
+
+def amp_context(args, device):
+    """A factory of fresh autocast contexts (bf16 with --amp); `with amp():` wherever a forward runs."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
+
+
+def cosine_lr(step, total, base):
+    """Cosine schedule (paper §5), per step; derived from the step, so a resumed run needs no state."""
+    return base * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+def all_reduce(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=contextlib.nullcontext,
+             rank=0, world=1):
+    """Accuracy of `model` with mask u on (a fixed balanced subset n of) the test set, under PGD-`steps`
+    at ε (clean for ε=0). Runs in eval mode; across DDP ranks the counts are all-reduced."""
+    was_training = model.training
+    model.eval()
+    set_mask(model, u)
+    correct = total = 0
+    for x, y in data.test_batches(batch_size, n, rank, world):
+        if eps > 0:
+            with amp():
+                x = pgd(model, x, y, eps, eps / 5, steps)
+        with torch.no_grad(), amp():
+            correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    correct, total = all_reduce([correct, total], data.device)
+    return correct / max(total, 1), int(total)
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, total_steps):
+    """One epoch of Algorithm 1. Returns (mean loss, images per second)."""
+    net.train()
+    steps = data.steps_per_epoch(args.batch_size)
+    # p is drawn from its own generator, seeded from (seed, epoch) and identical on every rank,
+    # so that all ranks use the same mask u(p); the PGD random starts use torch's per-rank RNG.
+    p_gen = torch.Generator().manual_seed(args.seed * 7919 + epoch)
+    torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + rank)
+    loss_sum, t0, last_print = torch.zeros((), device=device), time.time(), time.time()
+    for step, (x, y) in enumerate(data.train_batches(epoch, args.batch_size, args.seed, rank, world)):
+        if opt is not None:
+            lr = cosine_lr(epoch * steps + step, total_steps, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+        # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
+        p = torch.rand((), generator=p_gen).item() if method_draws_p(args) else args.fix_p
+        loss = train_step(net, step_module, opt, x, y, p, args, amp)
+        if not torch.isfinite(loss):
+            die(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped and the last "
+                "good checkpoint was kept. Lower --lr (or check the data) and start again")
+        loss_sum += loss
+        if time.time() - last_print > args.log_every and rank == 0:
+            last_print, done = time.time(), step + 1
+            rate = done * args.batch_size / (time.time() - t0)
+            log(f"  epoch {epoch + 1} step {done}/{steps}  loss {loss_sum.item() / done:.4f}  {rate:.0f} img/s  "
+                f"epoch ETA {fmt_time((steps - done) * args.batch_size / rate)}")
+    seconds = time.time() - t0
+    mean_loss = all_reduce([loss_sum.item()], device)[0] / world / max(steps, 1)
+    return mean_loss, steps * args.batch_size / max(seconds, 1e-9), seconds
+
+
+def check_ranks_agree(net, device):
+    """Under DDP every rank must hold the same weights; returns the largest difference to rank 0."""
+    flat = torch.cat([p.detach().flatten().float() for p in net.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    return all_reduce([(flat - ref).abs().max().item()], device)[0]
+
+
+RUNTIME_KEYS = ("device", "compile", "log_every", "workers", "resume", "force", "check", "data_dir")
+
+
+def prepare_out_dir(args, parser_defaults):
+    """Apply --resume/--force to --out. Returns the checkpoint to resume from, or None."""
+    ck_path = os.path.join(args.out, "checkpoint.pt")
+    started = os.path.exists(ck_path) or os.path.exists(os.path.join(args.out, "args.json"))
+    if args.resume and os.path.exists(ck_path):
+        ckpt = read_checkpoint(ck_path)
+        stored = ckpt["args"]
+        for key, value in vars(args).items():  # a flag that contradicts the stored run is an error
+            if key in stored and key not in RUNTIME_KEYS and value != parser_defaults.get(key) and value != stored[key]:
+                die(f"--{key.replace('_', '-')} {value} differs from the run in {args.out} ({stored[key]}); "
+                    "--resume continues the stored run: drop the flag, or use a new --out")
+        for key, value in stored.items():
+            if key not in RUNTIME_KEYS:
+                setattr(args, key, value)
+        return ckpt
+    if args.resume:
+        log(f"no checkpoint in {args.out} yet: starting a new run there")
+    elif started and not args.force:
+        die(f"--out {args.out} already holds a run; pass --resume to continue it, or --force to overwrite it")
+    return None
+
+
+def run_training(args, parser_defaults, init_from=None):
+    """The training loop shared by `train` and `finetune-bn`: DDP, AMP, compile, checkpoints, resume."""
+    device, rank, world = setup_device(args)
+    if args.batch_size % world:
+        die(f"--batch-size {args.batch_size} is the global batch; it must divide among the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = prepare_out_dir(args, parser_defaults)
+    if ckpt is not None and ckpt.get("complete"):
+        log(f"[skip] {args.out} is complete ({ckpt['epoch']} epochs)")
+        return
+    data = load_data(args, device, rank, world)
+    if args.num_classes is not None and args.num_classes != len(data.classes):
+        die(f"the checkpoint has {args.num_classes} classes but the data in {args.data_dir} has "
+            f"{len(data.classes)}; give the matching --data-dir")
+    args.num_classes, args.k = len(data.classes), method_k(args)
+    torch.manual_seed(args.seed)
+    net = build_model(args.arch, args.num_classes, args.k, args.width, args.dataset)
+    what = f"{args.arch} (k={args.k}, {args.num_classes} classes)"
+    if init_from is not None:  # finetune-bn: start from the source checkpoint's weights
+        load_state(net, read_checkpoint(init_from)["model"], init_from, what)
+    args.params = count_params(net)
+    net.to(device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    params = trainable_parameters(net, getattr(args, "bn_params", None))
+    opt = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+           if params else None)  # paper §5: SGD, momentum 0.9, weight decay 5e-4, lr 0.1 for θ, W, W'
+    history, start = [], 0
+    if ckpt is not None:
+        load_state(net, ckpt["model"], args.out, what)
+        if opt is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+        history, start = ckpt["log"], ckpt["epoch"]
+        log(f"resuming {args.out} after epoch {start}")
+    args_json = {k: v for k, v in vars(args).items() if k not in ("func", "check")}
+    if rank == 0:
+        write_json(os.path.join(args.out, "args.json"), args_json)
+    if args.compile:
+        net.compile()  # compiles forward in place; state_dict keys stay as they are
+    amp = amp_context(args, device)
+    step_module = BranchLoss(net, amp)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
+    steps = data.steps_per_epoch(args.batch_size)
+    if steps == 0:
+        die(f"the training set has fewer images ({args.subset or 'all'}) than one batch ({args.batch_size}); lower --batch-size")
+    log(f"training {args.method} ({what}, {args.params:,} parameters) on {args.dataset}: {args.epochs} epochs "
+        f"x {steps} steps of {args.batch_size}, {world} process(es) on {device}")
+    for epoch in range(start, args.epochs):
+        loss, rate, seconds = train_epoch(epoch, net, step_module, opt, data, args, amp, device,
+                                          rank, world, args.epochs * steps)
+        acc, _ = accuracy(net, data, mask_for(args, 0), batch_size=2 * args.batch_size // world, n=args.test_n,
+                          amp=amp, rank=rank, world=world)
+        entry = dict(epoch=epoch + 1, lr=cosine_lr((epoch + 1) * steps, args.epochs * steps, args.lr),
+                     train_loss=loss, test_acc=acc, img_per_s=rate, seconds=seconds)
+        if world > 1:
+            entry["rank_max_abs_diff"] = check_ranks_agree(net, device)
+        history.append(entry)
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  test_acc {acc:.4f}  lr {entry['lr']:.4f}  "
+            f"{rate:.0f} img/s  {seconds:.1f}s")
+        if rank == 0:
+            save_run(args.out, net, opt, args_json, epoch + 1, history, complete=epoch + 1 == args.epochs)
+    if args.epochs == start == 0 and rank == 0:
+        save_run(args.out, net, opt, args_json, 0, history, complete=True)
+
+
+def save_run(out, net, opt, args_json, epoch, history, complete):
+    ckpt = dict(format=FORMAT, model=net.state_dict(), args=args_json, epoch=epoch, log=history,
+                complete=complete, optimizer=opt.state_dict() if opt is not None else None)
+    atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
+    atomic_write(os.path.join(out, "log.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in history).encode()))
+
+
+def cmd_train(args, parser_defaults):
+    args.num_classes = None
+    run_training(args, parser_defaults)
+
+
+def cmd_finetune_bn(args, parser_defaults):
+    """§3.1 / Table 1: fine-tune only BN of a trained k=1 model, on clean images or on PGD examples."""
+    src = read_checkpoint(args.ckpt)
+    a = dict(src["args"])
+    if a["k"] != 1:
+        die(f"finetune-bn works on single-BN (k=1) checkpoints such as bn or adv runs; {args.ckpt} has k={a['k']}")
+    own = {k: v for k, v in vars(args).items() if k not in ("ckpt", "on", "eps", "params", "func")}
+    a.update({k: v for k, v in own.items() if v is not None or k not in a})
+    a.update(method="bn" if args.on == "clean" else "adv", bn_params=args.params, source=os.path.abspath(args.ckpt),
+             eps_max=args.eps if args.eps is not None else a["eps_max"], finetune_on=args.on)
+    ft = argparse.Namespace(**a)
+    run_training(ft, parser_defaults, init_from=None if args.resume and os.path.exists(
+        os.path.join(args.out, "checkpoint.pt")) else args.ckpt)
+
+
+# ---- 5.5 Evaluation: PGD-100 and AutoAttack, under a chosen mask ---------------------------------
+# Which mask to evaluate with (--mask): `clean` is u(0), the deployable setting (the defender
+# cannot know ε at test time); `matched` is u(ε/ε_max) per row, which assumes the defender knows
+# ε: it is how the robustness tables compare methods (AdvProp: main BN at ε=0, auxiliary BN
+# otherwise); a number P is a fixed u(P).
+def row_mask(args_ck, mask, eps):
+    if mask == "clean":
+        return mask_for(_ns(args_ck), 0.0)
+    if mask == "matched":
+        return mask_for(_ns(args_ck), eps / args_ck["eps_max"] if args_ck["eps_max"] else 0.0)
+    return encode(float(mask), args_ck["k"])
+
+
+def _ns(d):
+    return argparse.Namespace(**d)
+
+
+def eval_data(args, ck_args, device):
+    """The test data that a checkpoint was trained on (or --data-dir / --dataset instead)."""
+    a = _ns(dict(ck_args))
+    for key in ("data_dir", "dataset"):
+        if getattr(args, key, None):
+            setattr(a, key, getattr(args, key))
+    # only the test split is used: subset=1 keeps an image-folder reader from decoding the training set
+    a.subset, a.test_n, a.channels_last, a.workers = 1, None, False, getattr(args, "workers", 4)
+    a.image_size = ck_args.get("image_size", 224)
+    data = load_data(a, device)
+    if len(data.classes) != ck_args["num_classes"]:
+        die(f"the checkpoint has {ck_args['num_classes']} classes but the data in {a.data_dir or a.dataset} has "
+            f"{len(data.classes)}; pass the --data-dir it was trained on")
+    return data
+
+
+def autoattack_accuracy(model, data, u, eps, args, device):
+    """Robust accuracy under AutoAttack (pyautoattack) with the mask fixed to u."""
+    import logging
+
+    from pyautoattack import AutoAttack
+
+    logger = logging.getLogger("auto-attack")  # it reports progress at DEBUG level: show it
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("  autoattack: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    xs, ys = zip(*data.test_batches(args.batch_size, args.n))
+    x, y = torch.cat(xs), torch.cat(ys)
+    clf = fixed_mask(model, u=u).eval()
+    if eps == 0:
+        with torch.no_grad():
+            return (clf(x).argmax(1) == y).float().mean().item(), len(y)
+    attacks = args.aa_attacks.split(",") if args.aa_version == "custom" else None
+    aa = AutoAttack(clf, norm="Linf", eps=eps, version=args.aa_version, attacks=attacks, device=device, seed=args.seed)
+    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=args.batch_size)
+    with torch.no_grad():
+        return (clf(x_adv).argmax(1) == y).float().mean().item(), len(y)
+
+
+def cmd_eval(args):
+    device, _, _ = setup_device(args)
+    model, ck = load_checkpoint(args.ckpt, device)
+    data = eval_data(args, ck, device)
+    rows = []
+    for eps in (args.eps if args.attack != "none" else [0.0]):
+        u = row_mask(ck, args.mask, eps)
+        torch.manual_seed(args.seed)  # the same PGD random starts on every call
+        t0 = time.time()
+        if args.attack == "autoattack":
+            acc, n = autoattack_accuracy(model, data, u, eps, args, device)
+        else:
+            acc, n = accuracy(model, data, u, eps, args.steps, args.batch_size, args.n)
+        rows.append(dict(attack=args.attack, eps=eps, steps=args.steps if args.attack == "pgd" else None,
+                         mask=args.mask, u=u.tolist(), accuracy=acc, n=n))
+        log(f"{args.attack:10s} eps {eps * 255:5.2f}/255  mask {args.mask:7s} u={[round(v, 3) for v in u.tolist()]}  "
+            f"accuracy {acc:.4f}  (n={n}, {time.time() - t0:.1f}s)")
+    result = dict(checkpoint=args.ckpt, method=ck["method"], rows=rows)
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+def cmd_tradeoff(args):
+    """§3.2 / Table 2: clean and PGD accuracy along u = [1-p, p]."""
+    device, _, _ = setup_device(args)
+    if args.ckpt_b:
+        model, ck = combine_checkpoints(args.ckpt, args.ckpt_b, device)
+    else:
+        model, ck = load_checkpoint(args.ckpt, device)
+        if ck["k"] < 2:
+            die(f"{args.ckpt} has a single BN (k=1): there is nothing to slide between. Pass a second "
+                "checkpoint that differs only in BN (e.g. its finetune-bn copy), or a RobMask/AdvProp run")
+    k = num_bases(model)
+    data = eval_data(args, ck, device)
+    rows = []
+    for p in args.p:
+        u = encode(p, k)
+        clean, n = accuracy(model, data, u, 0.0, 0, args.batch_size, args.n)
+        torch.manual_seed(args.seed)
+        robust, _ = accuracy(model, data, u, args.eps, args.steps, args.batch_size, args.n)
+        rows.append(dict(p=p, u=u.tolist(), clean=clean, robust=robust, eps=args.eps, steps=args.steps, n=n))
+        log(f"p {p:.2f}  clean {clean:.4f}  pgd{args.steps}@{args.eps * 255:.1f}/255 {robust:.4f}  (n={n})")
+    result = dict(checkpoints=[c for c in (args.ckpt, args.ckpt_b) if c], rows=rows)
+    write_json(args.out, result)
+    return result
+
+
+# ---- 5.6 bench: time, FLOPs, MFU and memory of a training step, per method ----------------------
+def _peak_rss_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set size (VmHWM) on Linux
+    except OSError:
+        pass
+
+
+def _peak_rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+    except (OSError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cmd_bench(args):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device, _, _ = setup_device(args)
+    amp = amp_context(args, device)
+    torch.manual_seed(0)
+    n_img = max(8 * args.batch_size, 1024)
+    data = DeviceData(torch.randint(0, 256, (n_img, 3, 32, 32), dtype=torch.uint8), torch.arange(n_img) % 10,
+                      torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), list(range(10)),
+                      device, args.channels_last)
+    batches = [b for _, b in zip(range(4), data.train_batches(0, args.batch_size, 0))]
+
+    def prepare(net):
+        net.to(device)
+        if args.channels_last:
+            net.to(memory_format=torch.channels_last)
+        if args.compile:
+            net.compile()
+        return net
+
+    def bench_args(method, fix_p=None, freeze_params=True):
+        return _ns(dict(method=method, k=2, fix_p=fix_p, robmask_adv_only=False, eps_max=8 / 255, attack_steps=7,
+                        attack_bn="eval", freeze_params=freeze_params))
+
+    def make(method, freeze_params=True):  # a full training step of `method`
+        a = bench_args(method, freeze_params=freeze_params)
+        net = prepare(build_model(args.arch, 10, method_k(a), args.width))
+        opt, step_module = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), BranchLoss(net, amp)
+        return lambda x, y, p: train_step(net, step_module, opt, x, y, p, a, amp)
+
+    def fwd_bwd(masked):  # forward+backward of the model, with the k=2 masked layer or plain BatchNorm2d
+        layers, c = cifar_body(args.arch, args.width)
+        net = nn.Sequential(Normalize(*MEAN_STD["cifar10"]), nn.Sequential(
+            *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)))
+        if masked:
+            set_mask(convert_masked_bn(net, 2), torch.tensor([0.5, 0.5]))
+        net = prepare(net)
+
+        def step(x, y, p):
+            with amp():
+                loss = F.cross_entropy(net(x).float(), y)
+            loss.backward()
+            net.zero_grad(set_to_none=True)
+        return step
+
+    methods = ("bn", "adv", "advprop", "robmask")
+    cases = {m: make(m) for m in methods}
+    cases["adv_unfrozen"] = make("adv", freeze_params=False)  # the common implementation of the attack
+    cases["fwdbwd_masked"], cases["fwdbwd_plain"] = fwd_bwd(True), fwd_bwd(False)
+    times = {name: [] for name in cases}
+    peak = {}
+    gen = torch.Generator().manual_seed(0)
+    log(f"bench: {args.arch} width {args.width}, batch {args.batch_size}, {args.steps} timed steps "
+        f"(+{args.warmup} warm-up) per case, round-robin, on {device}")
+    for r in range(args.warmup + args.steps):  # round-robin: machine drift hits every case alike
+        for name, step in cases.items():
+            x, y = batches[r % len(batches)]
+            p = torch.rand((), generator=gen).item()
+            if r == args.warmup:  # peak memory: measured on the first timed step
+                _peak_rss_reset()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            t0 = time.perf_counter()
+            step(x, y, p)
+            _sync(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            if r == args.warmup:
+                peak[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    # data pipeline alone: augment + float conversion of the batches of one epoch
+    _sync(device)
+    t0, count = time.perf_counter(), 0
+    for x, _ in data.train_batches(1, args.batch_size, 0):
+        count += len(x)
+    _sync(device)
+    pipeline = count / (time.perf_counter() - t0)
+    # FLOPs of one step per method (eager, counted by torch.utils.flop_counter)
+    flops = {}
+    for m in methods:
+        net, a = build_model(args.arch, 10, method_k(bench_args(m)), args.width).to(device), bench_args(m, fix_p=0.5)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            train_step(net, BranchLoss(net, amp), torch.optim.SGD(net.parameters(), lr=0.0), *batches[0], 0.5, a, amp)
+        flops[m] = counter.get_total_flops()
+    # the machine's dense matmul rate, measured here, in the dtype that training computes in
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    n = 2048
+    a_, b_ = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a_ @ b_
+    _sync(device)
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a_ @ b_
+    _sync(device)
+    peak_flops = 2 * n**3 * reps / (time.perf_counter() - t0)
+    result = dict(
+        device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
+        amp=bool(args.amp), channels_last=bool(args.channels_last), compile=bool(args.compile),
+        threads=torch.get_num_threads(),
+        step_seconds={m: med[m] for m in med},
+        img_per_s={m: args.batch_size / med[m] for m in methods},
+        ratios=dict(robmask_over_advprop=med["robmask"] / med["advprop"],
+                    masked_over_plain=med["fwdbwd_masked"] / med["fwdbwd_plain"],
+                    frozen_attack_over_unfrozen=med["adv"] / med["adv_unfrozen"],
+                    pipeline_over_train=pipeline / (args.batch_size / med["bn"])),
+        pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=peak_flops,
+        mfu={m: flops[m] / med[m] / peak_flops for m in methods},
+        peak_memory_mb={m: peak[m] for m in methods},
+        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)")
+    log(f"{'method':10s} {'step s':>8s} {'img/s':>8s} {'GFLOP/step':>11s} {'MFU':>6s} {'peak MB':>8s}")
+    for m in methods:
+        log(f"{m:10s} {med[m]:8.4f} {result['img_per_s'][m]:8.1f} {flops[m] / 1e9:11.2f} "
+            f"{result['mfu'][m]:6.1%} {peak[m]:8.0f}")
+    log(f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s ({dtype}); data pipeline {pipeline:.0f} img/s")
+    for key, v in result["ratios"].items():
+        log(f"{key:28s} {v:.3f}")
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+# ---- 5.7 Figures (matplotlib, imported only here) -------------------------------------------------
+FIG_DPI = 100
+FIG_SIZES = {"bn-params": (12, 3), "feature-maps": (12, 6), "curves": (6, 4), "tradeoff": (6, 4)}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
+    log(f"wrote {path}")
+
+
+def bn_tensors(model, layer):
+    """(running mean, running var, γ, β) of the layer-th masked BN layer (1-based), clean basis u(0)."""
+    layers = masked_layers(model)
+    if not 1 <= layer <= len(layers):
+        die(f"--layer {layer} is out of range: the model has {len(layers)} BN layers (1..{len(layers)})")
+    m = layers[layer - 1]
+    u = encode(0.0, m.k)[:, None]
+    return [(u * t).sum(0).detach() for t in (m.running_mean, m.running_var, m.W, m.Wp)]
+
+
+def plot_bn_params(args):
+    """Figure 1: running mean, running var, γ and β of one BN layer, for two checkpoints."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=FIG_SIZES["bn-params"])
+    for path, color in ((args.ckpt_a, "tab:blue"), (args.ckpt_b, "tab:orange")):
+        model, _ = load_checkpoint(path)
+        for ax, t, name in zip(axes, bn_tensors(model, args.layer), ("running mean μ", "running var σ²", "γ", "β")):
+            ax.plot(t.numpy(), color=color, lw=1, label=os.path.basename(os.path.dirname(os.path.abspath(path))))
+            ax.set_title(name)
+            ax.set_xlabel("channel")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, args.out)
+
+
+def first_bn_relu(model, x):
+    """Activations after the first BN + ReLU (where §3.1 looks), for one image."""
+    out = {}
+    hook = masked_layers(model)[0].register_forward_hook(lambda m, i, o: out.setdefault("a", F.relu(o)))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    return out["a"][0]
+
+
+def plot_feature_maps(args):
+    """Figure 4: the channels after the first BN+ReLU of two models, side by side; red boxes mark
+    channels blocked (all zero) in one model but not the other, green boxes channels magnified
+    (mean activation more than 2x the other model's)."""
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    models = [load_checkpoint(p) for p in (args.ckpt_a, args.ckpt_b)]
+    data = eval_data(args, models[0][1], torch.device("cpu"))
+    x = torch.cat([xb for xb, _ in data.test_batches(256)])[args.image: args.image + 1]
+    if len(x) == 0:
+        die(f"--image {args.image} is out of range for the test set")
+    acts = [first_bn_relu(fixed_mask(m, 0.0), x) for m, _ in models]
+    c = acts[0].shape[0]
+    side = math.ceil(math.sqrt(c))
+    fig, axes = plt.subplots(1, 2, figsize=FIG_SIZES["feature-maps"])
+    means = [a.mean((1, 2)) for a in acts]
+    for i, (ax, a) in enumerate(zip(axes, acts)):
+        h, w = a.shape[1:]
+        grid = torch.zeros(side * (h + 1), side * (w + 1))
+        for ch in range(c):
+            r, q = divmod(ch, side)
+            grid[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = a[ch] / (a.max() + 1e-12)
+        ax.imshow(grid.numpy(), cmap="gray")
+        other = 1 - i
+        for ch in range(c):
+            r, q = divmod(ch, side)
+            blocked = a[ch].max() == 0 and acts[other][ch].max() > 0
+            magnified = means[i][ch] > 2 * means[other][ch]
+            if blocked or magnified:
+                ax.add_patch(Rectangle((q * (w + 1) - 0.5, r * (h + 1) - 0.5), w, h, fill=False, lw=1.5,
+                                       edgecolor="red" if blocked else "lime"))
+        ax.set_title(f"{os.path.basename(os.path.dirname(os.path.abspath((args.ckpt_a, args.ckpt_b)[i])))}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle("after the first BN+ReLU: red = blocked here only, green = magnified >2x here")
+    _save(fig, args.out)
+
+
+def read_log(run_dir):
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        die(f"{run_dir} has no log.jsonl; pass run directories written by `robmask.py train`")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(args):
+    """Figure 3: clean test accuracy per epoch, one line per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIG_SIZES["curves"])
+    for run in args.runs:
+        rows = read_log(run)
+        ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker=".",
+                label=os.path.basename(os.path.normpath(run)))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, args.out)
+
+
+def plot_tradeoff(args):
+    """Clean against robust accuracy along p, one line per tradeoff JSON."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIG_SIZES["tradeoff"])
+    for path in args.files:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o",
+                label=os.path.basename(path))
+        for r in rows:
+            ax.annotate(f"{r['p']:.1f}", (100 * r["clean"], 100 * r["robust"]), fontsize=6)
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("PGD accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, args.out)
+
+
+PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves": plot_curves,
+         "tradeoff": plot_tradeoff}
+
+
+def cmd_plot(args):
+    PLOTS[args.kind](args)
+
+
+# ---- 5.8 report: RESULTS.md from a runs folder written by run_all.sh ---------------------------
+# The run names are the contract with run_all.sh: <dataset>-<arch>-<method>-<short|long>-s<seed>,
+# fine-tuned copies add -ft-<on>-<params>. Evaluations sit beside the checkpoints as eval-*.json.
+# Every claim line restates the paper's text (its tables lost their numbers) in our own words.
+CLAIMS = {
+    1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness "
+       "from BN tuned on PGD examples, an adversarial one regains clean accuracy (and loses robustness) "
+       "from BN tuned on clean data; tuning γ does it, the running statistics barely change.",
+    2: "Mixing two BN maskings as (1-p)(γ,β) + p(γ',β') gives a smooth family of trade-offs from one stored model.",
+    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, with "
+       "similar gains on CIFAR-100; RobMask at 20 epochs is comparable to BN at 100.",
+    4: "On ImageNet ResNet-18, AdvProp barely helps while RobMask adds about 0.4 points.",
+    5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is "
+       "slightly worse at 8/255, the strength those two were trained on.",
+    6: "AutoAttack tells the same story as PGD; with ε_max = 10/255 RobMask trades a little clean "
+       "accuracy for better robustness at ε ≥ 6/255.",
+    7: "AdvProp with a random strength gets worse, extra auxiliary BNs help a little, and RobMask beats all of them.",
+    8: "RobMask's gains hold over three random seeds.",
+}
+
+
+class Runs:
+    def __init__(self, root):
+        self.root = root
+
+    def seeds(self, name):
+        """Run directories name-s0, name-s1, ... that hold a log."""
+        if not os.path.isdir(self.root):
+            return []
+        pat = re.compile(re.escape(name) + r"-s\d+$")
+        return sorted(os.path.join(self.root, d) for d in os.listdir(self.root)
+                      if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
+
+    def json(self, path):
+        path = os.path.join(self.root, path)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def cell(self, values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "not run"
+        mean = sum(values) / len(values)
+        if len(values) == 1:
+            return f"{100 * mean:.2f}"
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})"
+
+    def final_acc(self, name):
+        return self.cell([read_log(d)[-1]["test_acc"] if read_log(d) else None for d in self.seeds(name)])
+
+    def eval_acc(self, name, file, eps):
+        vals = []
+        for d in self.seeds(name):
+            res = self.json(os.path.join(os.path.basename(d), file))
+            vals += [r["accuracy"] for r in (res or {}).get("rows", []) if abs(r["eps"] - eps) < 1e-9]
+        return self.cell(vals)
+
+    def epochs(self, name):
+        for d in self.seeds(name):
+            with open(os.path.join(d, "args.json")) as f:
+                return json.load(f)["epochs"]
+        return None
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def cmd_report(args):
+    R, eps8 = Runs(args.runs), 8 / 255
+    out = ["# Results", "", f"Built by `python robmask.py report {args.runs}` from the runs in that folder. "
+           "Accuracies in %. \"not run\" marks a run that is missing; several seeds show mean ± std.", ""]
+
+    def section(n, title, body):
+        out.extend([f"## Table {n}: {title}", "", f"*Paper's claim:* {CLAIMS[n]}", "", body, ""])
+
+    base = "cifar10-resnet18"
+    t1 = [("standard", f"{base}-bn-long"), ("standard + BN fine-tuned on PGD (γ,β)", f"{base}-bn-long-ft-adv-affine"),
+          ("adversarial", f"{base}-adv-long"), ("adversarial + BN fine-tuned clean (γ,β)", f"{base}-adv-long-ft-clean-affine"),
+          ("adversarial + γ only fine-tuned clean", f"{base}-adv-long-ft-clean-gamma"),
+          ("adversarial + β only fine-tuned clean", f"{base}-adv-long-ft-clean-beta"),
+          ("adversarial + running stats re-estimated clean", f"{base}-adv-long-ft-clean-stats")]
+    section(1, "ResNet-18 on CIFAR-10, BN fine-tuning (PGD at ε=8/255, mask clean)", table(
+        ["model", "clean", "PGD 8/255"],
+        [(label, R.eval_acc(name, "eval.json", 0.0), R.eval_acc(name, "eval.json", eps8)) for label, name in t1]))
+    t2 = R.json("table2-tradeoff.json")
+    section(2, "Trade-off slider between the adversarial model's BN (p=0) and its clean-fine-tuned BN (p=1)", table(
+        ["p", "clean", "PGD"], [(f"{r['p']:.1f}", f"{100 * r['clean']:.2f}", f"{100 * r['robust']:.2f}")
+                               for r in t2["rows"]] if t2 else [("not run", "not run", "not run")]))
+    rows = []
+    for ds in ("cifar10", "cifar100"):
+        for arch in ("preactresnet18", "resnext29", "densenet121"):
+            rows.append([ds, arch] + [R.final_acc(f"{ds}-{arch}-{m}-{length}")
+                                      for length in ("short", "long") for m in ("bn", "advprop", "robmask")])
+    e_short, e_long = R.epochs("cifar10-preactresnet18-bn-short"), R.epochs("cifar10-preactresnet18-bn-long")
+    hdr = [f"{m} {length} ({e or '?'} ep)" for length, e in (("short", e_short), ("long", e_long))
+           for m in ("BN", "AdvProp", "RobMask")]
+    section(3, "clean test accuracy, CIFAR-10/100", table(["dataset", "arch"] + hdr, rows))
+    section(4, "ImageNet, ResNet-18, top-1", table(["BN", "AdvProp", "RobMask"], [
+        [R.final_acc(f"imagenet-resnet18-{m}-long") for m in ("bn", "advprop", "robmask")]]))
+    sweep = [i / 255 for i in range(9)]
+    for n, file, extra in ((5, "eval-pgd.json", []), (6, "eval-aa.json", [("RobMask ε_max=10/255", "robmask-eps10")])):
+        rows = [[label] + [R.eval_acc(f"{base}-{m}-long", file, e) for e in sweep]
+                for label, m in [("adversarial", "adv"), ("AdvProp", "advprop"), ("RobMask", "robmask")] + extra]
+        section(n, f"ResNet-18 CIFAR-10, {'PGD-100' if n == 5 else 'AutoAttack'} accuracy, mask matched to ε",
+                table(["method"] + [f"{i}/255" for i in range(9)], rows))
+    section(7, "DenseNet-121 CIFAR-10, AdvProp variants", table(["method", "clean"], [
+        (m, R.final_acc(f"cifar10-densenet121-{m}-long")) for m in ("advprop", "advprop-random", "advprop-multi", "robmask")]))
+    section(8, "RobMask over seeds (PreActResNet-18, CIFAR-10)", table(["runs", "clean"], [
+        (", ".join(os.path.basename(d) for d in R.seeds("cifar10-preactresnet18-robmask-long")) or "none",
+         R.final_acc("cifar10-preactresnet18-robmask-long"))]))
+    secs = {m: [sum(e["seconds"] for e in read_log(d)) / len(read_log(d)) for d in R.seeds(f"cifar10-densenet121-{m}-long")]
+            for m in ("advprop", "robmask")}
+    out += ["## Timing: seconds per epoch, DenseNet-121 CIFAR-10", "",
+            "*Paper's claim:* both use two forwards and one backward per step; 870 s (AdvProp) vs 890 s (RobMask).", "",
+            table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
+    figs = [(f, os.path.join("figures", f)) for f in ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png",
+                                                      "table2-tradeoff.png")]
+    out += ["## Figures", ""] + [f"- [{f}]({p})" if os.path.isfile(os.path.join(args.runs, p)) else f"- {f}: not run"
+                                 for f, p in figs]
+    path = args.out or os.path.join(args.runs, "RESULTS.md")
+    atomic_write(path, lambda f: f.write(("\n".join(out) + "\n").encode()))
+    log(f"wrote {path}")
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+def parse_eps(text):
+    """'8/255' or '0.0314' -> a float in [0, 1] (pixels live in [0, 1])."""
+    try:
+        num, _, den = str(text).partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: write it as 8/255 or 0.0314")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} = {value:.4g} is outside [0, 1] (pixels are in [0, 1]; e.g. 8/255)")
+    return value
+
+
+def parse_list(item):
+    def parse(text):
+        return [item(t) for t in str(text).split(",") if t.strip()]
+    return parse
+
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must not be negative")
+    return v
+
+
+def unit_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{v} is outside [0, 1]")
+    return v
+
+
+def arch_name(text):
+    name = ARCH_ALIASES.get(text.lower(), text.lower())
+    if name not in ARCHS:
+        raise argparse.ArgumentTypeError(f"unknown architecture {text!r}; choose from {', '.join(ARCHS)} (or 'resnext')")
+    return name
+
+
+def mask_name(text):
+    if text in ("clean", "matched"):
+        return text
+    try:
+        return str(unit_float(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid mask {text!r}; use clean, matched or a number p in [0, 1]")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"robmask: error: {self.prog.split()[-1]}: {message} (see --help)\n")
+
+
+def runtime_flags():
+    p = Parser(add_help=False)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (a new run if it holds none)")
+    p.add_argument("--force", action="store_true", help="overwrite a run that --out already holds")
+    p.add_argument("--log-every", type=float, default=30, help="seconds between in-epoch progress lines")
+    p.add_argument("--workers", type=nonneg_int, default=8, help="DataLoader workers (ImageNet only)")
+    return p
+
+
+def data_flags(train=True):
+    p = Parser(add_help=False)
+    p.add_argument("--data-dir", help="CIFAR: torchvision's folder, or train/ and test/ class folders; ImageNet: train/ val/")
+    if train:
+        p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet", "synthetic"))
+        p.add_argument("--subset", type=positive_int, help="a fixed class-balanced subset of the training set")
+        p.add_argument("--test-n", type=positive_int, help="per-epoch test accuracy on a fixed balanced subset of N")
+        p.add_argument("--image-size", type=positive_int, default=224, help="ImageNet crop size")
+    return p
+
+
+def make_parser():
+    top = Parser(prog="robmask.py", description=__doc__.split("\n")[0])
+    top.add_argument("--check", action="store_true", help="parse and validate the arguments, then exit without running")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", parents=[data_flags(), runtime_flags()], help="train a model (Algorithm 1)")
+    t.add_argument("--arch", type=arch_name, default="preactresnet18", help=", ".join(ARCHS))
+    t.add_argument("--method", default="robmask", help=", ".join(METHODS))
+    t.add_argument("--k", type=int, help="RobMask's number of bases (default 2)")
+    t.add_argument("--eps-max", type=parse_eps, default=8 / 255, help="ε_max (default 8/255)")
+    t.add_argument("--fix-p", type=unit_float, help="freeze p instead of drawing it per mini-batch")
+    t.add_argument("--robmask-adv-only", action="store_true", help="Algorithm 1 literally: no clean branch")
+    t.add_argument("--attack-steps", type=nonneg_int, default=7)
+    t.add_argument("--attack-bn", choices=("eval", "train"), default="eval", help="BN mode while attacking")
+    t.add_argument("--epochs", type=nonneg_int, default=100)
+    t.add_argument("--batch-size", type=positive_int, default=128, help="global batch size")
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--wd", type=float, default=5e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--width", type=positive_int, default=64, help="base channels (64 = the paper)")
+    t.add_argument("--out", help="run directory (default runs/<dataset>-<arch>-<method>)")
+    t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune-bn", parents=[runtime_flags()], help="§3.1: fine-tune only BN of a checkpoint")
+    f.add_argument("ckpt")
+    f.add_argument("--on", choices=("clean", "adv"), required=True, help="clean images or PGD examples")
+    f.add_argument("--params", choices=tuple(BN_PARTS), default="affine", help="which BN parts may change")
+    f.add_argument("--eps", type=parse_eps, help="PGD ε for --on adv (default: the checkpoint's ε_max)")
+    f.add_argument("--epochs", type=nonneg_int, default=2)
+    f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--batch-size", type=positive_int)
+    f.add_argument("--subset", type=positive_int)
+    f.add_argument("--test-n", type=positive_int)
+    f.add_argument("--data-dir")
+    f.add_argument("--seed", type=int)
+    f.add_argument("--out", required=True)
+    f.set_defaults(func=cmd_finetune_bn)
+
+    e = sub.add_parser("eval", parents=[data_flags(train=False)], help="accuracy under PGD or AutoAttack")
+    e.add_argument("ckpt")
+    e.add_argument("--attack", choices=("none", "pgd", "autoattack"), default="pgd")
+    e.add_argument("--eps", type=parse_list(parse_eps), default=[8 / 255], help="comma list, e.g. 0,4/255,8/255")
+    e.add_argument("--steps", type=nonneg_int, default=100)
+    e.add_argument("--mask", type=mask_name, default="clean", help="clean, matched or a fixed p")
+    e.add_argument("--n", type=positive_int, help="a fixed class-balanced subset of N test images")
+    e.add_argument("--batch-size", type=positive_int, default=256)
+    e.add_argument("--aa-version", choices=("standard", "custom", "plus", "rand"), default="standard")
+    e.add_argument("--aa-attacks", default="apgd-ce,apgd-t", help="with --aa-version custom")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device")
+    e.add_argument("--out", help="write the rows as JSON here")
+    e.set_defaults(func=cmd_eval)
+
+    o = sub.add_parser("tradeoff", parents=[data_flags(train=False)], help="§3.2: sweep the mask u=[1-p, p]")
+    o.add_argument("ckpt")
+    o.add_argument("ckpt_b", nargs="?", help="a second k=1 checkpoint that differs only in BN")
+    o.add_argument("--p", type=parse_list(unit_float), default=[i / 10 for i in range(11)])
+    o.add_argument("--eps", type=parse_eps, default=8 / 255)
+    o.add_argument("--steps", type=nonneg_int, default=20)
+    o.add_argument("--n", type=positive_int)
+    o.add_argument("--batch-size", type=positive_int, default=256)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device")
+    o.add_argument("--out", required=True)
+    o.set_defaults(func=cmd_tradeoff)
+
+    b = sub.add_parser("bench", help="time, FLOPs, MFU and memory of a training step per method")
+    b.add_argument("--arch", type=arch_name, default="preactresnet18")
+    b.add_argument("--width", type=positive_int, default=16)
+    b.add_argument("--batch-size", type=positive_int, default=128)
+    b.add_argument("--steps", type=positive_int, default=10)
+    b.add_argument("--warmup", type=nonneg_int, default=2)
+    b.add_argument("--amp", action="store_true")
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--compile", action="store_true")
+    b.add_argument("--device")
+    b.add_argument("--out")
+    b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plot", help="Figures 1, 3, 4 and trade-off curves (PNG)")
+    kinds = pl.add_subparsers(dest="kind", required=True, parser_class=Parser)
+    k1 = kinds.add_parser("bn-params", help="Figure 1")
+    k1.add_argument("ckpt_a")
+    k1.add_argument("ckpt_b")
+    k1.add_argument("--layer", type=positive_int, default=1)
+    k4 = kinds.add_parser("feature-maps", parents=[data_flags(train=False)], help="Figure 4")
+    k4.add_argument("ckpt_a")
+    k4.add_argument("ckpt_b")
+    k4.add_argument("--image", type=nonneg_int, default=0)
+    k3 = kinds.add_parser("curves", help="Figure 3")
+    k3.add_argument("runs", nargs="+")
+    kt = kinds.add_parser("tradeoff", help="clean vs robust accuracy over p")
+    kt.add_argument("files", nargs="+")
+    for k in (k1, k4, k3, kt):
+        k.add_argument("--out", required=True, help="PNG file")
+    pl.set_defaults(func=cmd_plot)
+
+    r = sub.add_parser("report", help="RESULTS.md from a runs folder written by run_all.sh")
+    r.add_argument("runs")
+    r.add_argument("--out", help="default RUNS/RESULTS.md")
+    r.set_defaults(func=cmd_report)
+    return top, t
+
+
+def validate(args):
+    """Checks that need more than one flag at a time (argparse has done the single-flag ones)."""
+    if args.command == "train":
+        if args.method not in METHODS:
+            die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+        if args.k is not None and METHODS[args.method][0] is not None:
+            die(f"--k is fixed to {METHODS[args.method][0]} by --method {args.method}; only robmask takes --k")
+        if args.k is not None and args.k < 1:
+            die(f"--k {args.k} must be at least 1")
+        if args.fix_p is not None and args.method != "robmask":
+            die(f"--fix-p applies to --method robmask only (not {args.method})")
+        if args.dataset == "imagenet" and (args.arch != "resnet18" or args.width != 64):
+            die("--dataset imagenet uses torchvision's resnet18 at full width: pass --arch resnet18 and no --width")
+        args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}")
+
+
+def main(argv=None):
+    parser, train_parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        validate(args)
+        if args.check:
+            print("ok: arguments are valid")
+            return 0
+        if args.command == "train":
+            args.func(args, vars(train_parser.parse_args([])))
+        elif args.command == "finetune-bn":
+            args.func(args, {})
+        else:
+            args.func(args)
+    except UserError as e:
+        print(f"robmask: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("robmask: interrupted; the last checkpoint (end of the last finished epoch) is intact: "
+              "run the same command with --resume to continue", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Tests for robmask.py. Run: python -m pytest -q  (slow ones are marked `slow`; CI runs them too).
+
+Every test makes its own tiny data (synthetic tensors, a few image files in tmp_path); none needs a
+download or ../shared. Prefer exact checks: equivalences, invariants and known answers."""
+import copy
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import robmask as rm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset", "synthetic", "--arch", "preactresnet18", "--width", "8", "--subset", "256",
+        "--test-n", "128", "--batch-size", "64", "--attack-steps", "2"]
+
+
+def cli(*argv):
+    return rm.main([str(a) for a in argv])
+
+
+def train(out, *extra, epochs=1):
+    assert cli("train", *TINY, "--epochs", epochs, "--out", out, *extra) == 0
+    return os.path.join(out, "checkpoint.pt")
+
+
+def state(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def one_line_error(capsys, code, *fragments):
+    """The CLI's contract for bad input: exit 2, one line on stderr naming the problem, no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    errors = [line for line in err if line.startswith("robmask: error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# §2/§4: the masked layer and its special cases, exactly
+# ---------------------------------------------------------------------------------------------
+def random_bn(c, seed):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    return bn
+
+
+def test_k1_is_batchnorm2d_forward_backward_stats_train_and_eval():
+    bn = random_bn(6, 0)
+    m = rm.convert_masked_bn(copy.deepcopy(bn), 1)
+    assert isinstance(m, rm.MaskedBatchNorm2d) and m.k == 1
+    for step in range(3):
+        x1 = (torch.randn(8, 6, 5, 5) * 2 + 1).requires_grad_(True)
+        x2 = x1.detach().clone().requires_grad_(True)
+        out1, out2 = bn(x1), m(x2)
+        assert torch.equal(out1, out2)
+        g = torch.randn_like(out1)
+        out1.backward(g)
+        out2.backward(g)
+        assert torch.equal(x1.grad, x2.grad)
+        assert torch.equal(bn.weight.grad, m.W.grad[0]) and torch.equal(bn.bias.grad, m.Wp.grad[0])
+        # PyTorch mixes the running stats in double on the CPU, we in float: equal to rounding
+        torch.testing.assert_close(m.running_mean[0], bn.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(m.running_var[0], bn.running_var, rtol=1e-6, atol=1e-7)
+        assert m.num_batches_tracked == bn.num_batches_tracked
+    bn.eval(), m.eval()
+    with torch.no_grad():
+        m.running_mean[0], m.running_var[0] = bn.running_mean, bn.running_var
+    x = torch.randn(4, 6, 5, 5)
+    assert torch.equal(bn(x), m(x))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_onehot_masks_are_k_independent_batchnorms(k):
+    """k=2 one-hot is AdvProp's dual BN; k=3 one-hot is the multi-BN ablation of Table 7."""
+    bns = [random_bn(5, 10 + j) for j in range(k)]
+    m = rm.MaskedBatchNorm2d(5, k)
+    with torch.no_grad():
+        for j, bn in enumerate(bns):
+            m.W[j], m.Wp[j], m.running_mean[j], m.running_var[j] = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        j = int(torch.randint(0, k, (1,), generator=gen))
+        m.u = rm.encode(0, k, onehot=True) * 0 + torch.eye(k)[j]
+        before = m.running_mean.clone(), m.running_var.clone()
+        x = torch.randn(8, 5, 4, 4) + j
+        out_m, out_bn = m(x), bns[j](x)
+        assert torch.equal(out_m, out_bn)
+        out_m.sum().backward()
+        out_bn.sum().backward()
+        assert torch.equal(m.W.grad[j], bns[j].weight.grad) and torch.equal(m.Wp.grad[j], bns[j].bias.grad)
+        others = [i for i in range(k) if i != j]
+        assert (m.W.grad[others] == 0).all() and (m.Wp.grad[others] == 0).all()
+        assert torch.equal(m.running_mean[others], before[0][others])  # the other BNs are untouched
+        assert torch.equal(m.running_var[others], before[1][others])
+        torch.testing.assert_close(m.running_mean[j], bns[j].running_mean, rtol=1e-6, atol=1e-7)
+        m.W.grad = m.Wp.grad = bns[j].weight.grad = bns[j].bias.grad = None
+    m.eval()
+    for j, bn in enumerate(bns):
+        bn.eval()
+        m.u = torch.eye(k)[j]
+        x = torch.randn(3, 5, 4, 4)
+        torch.testing.assert_close(m(x), bn(x), rtol=1e-5, atol=1e-6)
+
+
+def test_robmask_mask_mixes_gamma_beta_and_statistics():
+    """k=2, u=[1-p, p]: γ=(1-p)w_1+p w_2, β likewise (§3.2/§4); basis j's stats move by momentum·u_j."""
+    p = 0.3
+    m = rm.MaskedBatchNorm2d(4, 2)
+    with torch.no_grad():
+        m.W.uniform_(0.5, 2), m.Wp.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+    m.u = rm.encode(p, 2)
+    assert m.u.tolist() == pytest.approx([1 - p, p])
+    x = torch.randn(16, 4, 3, 3) * 3 + 2
+    before_mean = m.running_mean.clone()
+    gamma, beta = (1 - p) * m.W[0] + p * m.W[1], (1 - p) * m.Wp[0] + p * m.Wp[1]
+    torch.testing.assert_close(m(x), F.batch_norm(x, None, None, gamma, beta, True, 0.0, m.eps))
+    batch_mean = x.mean((0, 2, 3))
+    for j, uj in enumerate((1 - p, p)):
+        expected = (1 - 0.1 * uj) * before_mean[j] + 0.1 * uj * batch_mean
+        torch.testing.assert_close(m.running_mean[j], expected)
+    m.eval()
+    mean, var = (1 - p) * m.running_mean[0] + p * m.running_mean[1], (1 - p) * m.running_var[0] + p * m.running_var[1]
+    torch.testing.assert_close(m(x), F.batch_norm(x, mean, var, gamma, beta, False, 0.0, m.eps))
+
+
+def test_encode_hat_and_onehot():
+    assert rm.encode(0.7, 1).tolist() == [1.0]
+    assert rm.encode(0.25, 2).tolist() == pytest.approx([0.75, 0.25])
+    assert rm.encode(0.0, 3).tolist() == [1, 0, 0] and rm.encode(0.5, 3).tolist() == [0, 1, 0]
+    assert rm.encode(0.75, 3).tolist() == pytest.approx([0, 0.5, 0.5])
+    for k in (2, 3, 5):
+        for p in torch.linspace(0, 1, 11).tolist():
+            u = rm.encode(p, k)
+            assert (u >= 0).all() and float(u.sum()) == pytest.approx(1.0)
+    assert rm.encode(0, 2, onehot=True).tolist() == [1, 0] and rm.encode(0.3, 2, onehot=True).tolist() == [0, 1]
+    assert rm.encode(0.4, 3, onehot=True).tolist() == [0, 1, 0] and rm.encode(0.9, 3, onehot=True).tolist() == [0, 0, 1]
+
+
+def test_branches_express_each_method_and_advprop_is_robmask_k2_p1():
+    ns = lambda **kw: rm._ns(dict(dict(k=None, fix_p=None, robmask_adv_only=False), **kw))  # noqa: E731
+    as_lists = lambda bs: [(s, u.tolist()) for s, u in bs]  # noqa: E731
+    assert as_lists(rm.branches(ns(method="bn"), 0.5)) == [(0, [1.0])]
+    assert as_lists(rm.branches(ns(method="adv"), 0.5)) == [(1, [1.0])]
+    assert as_lists(rm.branches(ns(method="advprop"), 0.5)) == [(0, [1, 0]), (1, [0, 1])]
+    assert as_lists(rm.branches(ns(method="advprop-random"), 0.4)) == [(0, [1, 0]), (0.4, [0, 1])]
+    assert as_lists(rm.branches(ns(method="advprop-multi"), 0.4)) == [(0, [1, 0, 0]), (0.5, [0, 1, 0]), (1, [0, 0, 1])]
+    got = as_lists(rm.branches(ns(method="robmask"), 0.4))
+    assert got[0] == (0, [1, 0]) and got[1][0] == 0.4 and got[1][1] == pytest.approx([0.6, 0.4])
+    assert as_lists(rm.branches(ns(method="robmask", fix_p=1.0), 1.0)) == as_lists(rm.branches(ns(method="advprop"), 1.0))
+    assert len(rm.branches(ns(method="robmask", robmask_adv_only=True), 0.4)) == 1
+    assert rm.method_k(ns(method="robmask", k=4)) == 4 and rm.method_k(ns(method="advprop-multi")) == 3
+
+
+def test_two_branches_one_backward_equals_sum_of_separate_backwards():
+    """set_mask rebinds u, so the second branch cannot corrupt what the first saved for backward."""
+    torch.manual_seed(0)
+    net = rm.build_model("resnet18", 10, 2, 8)
+    x1, x2, y = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    u1, u2 = rm.encode(0, 2), rm.encode(0.3, 2)
+    twin = copy.deepcopy(net)
+    rm.BranchLoss(net)([x1, x2], [u1, u2], y).backward()
+    for x, u in ((x1, u1), (x2, u2)):
+        rm.set_mask(twin, u)
+        F.cross_entropy(twin(x), y).backward()
+    for (name, a), b in zip(net.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_converted_model_computes_the_same_function():
+    torch.manual_seed(0)
+    layers, c = rm.cifar_body("resnet18", 8)
+    plain = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+    for _ in range(2):
+        plain(torch.randn(16, 3, 32, 32))  # non-trivial running statistics
+    plain.eval()
+    x = torch.randn(4, 3, 32, 32)
+    for k in (1, 2):
+        conv = rm.convert_masked_bn(copy.deepcopy(plain), k).eval()
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
+        assert len(rm.masked_layers(conv)) == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+        rm.set_mask(conv, rm.encode(0.6, k))  # every basis is a copy, so any mask gives the same model
+        torch.testing.assert_close(conv(x), plain(x))
+
+
+@pytest.mark.parametrize("arch,classes,dataset,expected", [
+    ("preactresnet18", 10, "cifar10", 11_171_146), ("resnet18", 10, "cifar10", 11_173_962),
+    ("resnext29", 10, "cifar10", 9_128_778), ("densenet121", 10, "cifar10", 6_956_298),
+    ("resnet18", 1000, "imagenet", 11_689_512)])
+def test_parameter_counts_match_the_references(arch, classes, dataset, expected):
+    assert rm.count_params(rm.build_model(arch, classes, 1, 64, dataset)) == expected
+    # k=2 adds exactly one more (γ, β) basis per BN channel
+    model2 = rm.build_model(arch, classes, 2, 64, dataset)
+    extra = sum(2 * m.num_features for m in rm.masked_layers(model2))
+    assert rm.count_params(model2) == expected + extra
+
+
+def test_width_scales_the_model_and_alias():
+    small, big = rm.build_model("resnext", 10, 1, 8), rm.build_model("resnext29", 10, 1, 16)
+    assert rm.count_params(small) < rm.count_params(big)
+    x = torch.rand(2, 3, 32, 32)
+    for arch in rm.ARCHS:
+        assert rm.build_model(arch, 7, 2, 8)(x).shape == (2, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# §2: PGD
+# ---------------------------------------------------------------------------------------------
+def test_pgd_stays_in_the_eps_ball_and_in_pixel_range_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    net = rm.build_model("preactresnet18", 10, 2, 8).eval()
+    rm.set_mask(net, rm.encode(0.5, 2))
+    x = torch.rand(16, 3, 32, 32)
+    x[:4] = 0.0  # pixels at the border of [0,1]
+    x[4:8] = 1.0
+    y = torch.randint(0, 10, (16,))
+    before = copy.deepcopy(net.state_dict())
+    eps = 8 / 255
+    x_adv = rm.pgd(net, x, y, eps, eps / 5, 5)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert not x_adv.requires_grad
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())  # no weight gradient work
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        assert F.cross_entropy(net(x_adv), y) > F.cross_entropy(net(x), y)
+    assert rm.pgd(net, x, y, 0.0) is x
+
+
+def test_pgd_finds_the_optimal_attack_on_a_linear_model():
+    """For a 2-class linear model the optimal L∞ attack is x - ε·sign(w_y - w_other)."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    x = torch.rand(32, 3, 2, 2) * 0.5 + 0.25  # interior: the [0,1] box never binds
+    y = torch.randint(0, 2, (32,))
+    eps = 0.1
+    w = lin[1].weight.detach()
+    direction = (w[y] - w[1 - y]).sign().view(32, 3, 2, 2)
+    expected = torch.where(direction > 0, x - eps, x + eps)  # the corner of the ball, computed like pgd's box
+    x_adv = rm.pgd(lin, x, y, eps, eps / 5, steps=20)
+    assert torch.equal(x_adv, expected)
+
+
+def test_attack_bn_modes_never_touch_running_stats():
+    torch.manual_seed(0)
+    net = rm.build_model("resnet18", 10, 1, 8).train()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    before = copy.deepcopy(net.state_dict())
+    outs = {}
+    for mode in ("eval", "train"):
+        with rm.attack_bn_mode(net, mode):
+            torch.manual_seed(1)
+            outs[mode] = rm.pgd(net, x, y, 8 / 255, 2 / 255, 2)
+        assert net.training and all(m.update_stats for m in rm.masked_layers(net))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not torch.equal(outs["eval"], outs["train"])  # running stats vs batch stats: different attacks
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def test_balanced_subset_is_fixed_and_balanced():
+    labels = torch.arange(10).repeat_interleave(30)  # sorted by class, like an image folder
+    a = rm.subset_indices(labels, 25)
+    torch.manual_seed(123)
+    b = rm.subset_indices(labels, 25)
+    assert torch.equal(a, b)
+    counts = torch.bincount(labels[a], minlength=10)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 25
+    assert len(rm.subset_indices(labels, None)) == 300
+
+
+def test_device_data_ranks_split_the_global_batch_exactly():
+    xtr, ytr, xte, yte, classes = rm.synthetic_data(256, 32)
+    data = rm.DeviceData(xtr, ytr, xte, yte, classes, torch.device("cpu"))
+    whole = list(data.train_batches(3, 64, seed=5))
+    halves = [list(data.train_batches(3, 64, seed=5, rank=r, world=2)) for r in (0, 1)]
+    assert len(whole) == 4
+    for s in range(4):
+        assert torch.equal(torch.cat([halves[0][s][0], halves[1][s][0]]), whole[s][0])
+        assert torch.equal(torch.cat([halves[0][s][1], halves[1][s][1]]), whole[s][1])
+    assert not torch.equal(whole[0][0], list(data.train_batches(4, 64, seed=5))[0][0])  # a new epoch, a new order
+
+
+def test_augment_is_a_translation_and_a_flip():
+    xtr, ytr, xte, yte, classes = rm.synthetic_data(8, 8)
+    data = rm.DeviceData(xtr, ytr, xte, yte, classes, torch.device("cpu"))
+    x = xtr[:4]
+    four, no = torch.full((4,), 4), torch.zeros(4, dtype=torch.bool)
+    assert torch.equal(data.augment(x, four, four, no), x)
+    assert torch.equal(data.augment(x, four, four, ~no), x.flip(-1))
+    shifted = data.augment(x, four, torch.zeros(4, dtype=torch.long), no)  # 4 columns of zero padding on the left
+    assert (shifted[..., :4] == 0).all() and torch.equal(shifted[..., 4:], x[..., :-4])
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=8, size=32, splits=("train", "test")):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(per_class):
+                img = (torch.rand(size, size, 3, generator=g) * 80 + 80 * c).to(torch.uint8).numpy()
+                Image.fromarray(img).save(os.path.join(root, split, name, f"{i:03d}.{'png' if i % 2 else 'jpg'}"))
+    return root
+
+
+def test_image_folder_reader_and_training_on_image_files(tmp_path, capsys):
+    root = write_image_folder(str(tmp_path / "imgs"))
+    with open(os.path.join(root, "train", "cat", "notes.txt"), "w") as f:
+        f.write("not an image")
+    with open(os.path.join(root, "train", "dog", "broken.png"), "wb") as f:
+        f.write(b"\x89PNG garbage")
+    paths, labels, classes = rm.list_image_folder(os.path.join(root, "train"))
+    assert classes == ["cat", "dog"] and len(paths) == 17 and labels.tolist().count(1) == 9
+    out = str(tmp_path / "run")
+    assert cli("train", "--dataset", "cifar10", "--data-dir", root, "--arch", "resnet18", "--width", "4",
+               "--batch-size", "8", "--epochs", "1", "--method", "bn", "--out", out) == 0
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "broken.png" in err
+    with open(os.path.join(out, "args.json")) as f:
+        assert json.load(f)["num_classes"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Training through the CLI
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(rm.METHODS))
+def test_every_method_trains_one_epoch(tmp_path, method):
+    out = str(tmp_path / method)
+    ckpt = train(out, "--method", method)
+    with open(os.path.join(out, "args.json")) as f:
+        args = json.load(f)
+    assert args["method"] == method and args["params"] > 0
+    (entry,) = read_log(out)
+    assert set(entry) >= {"epoch", "lr", "train_loss", "test_acc", "img_per_s", "seconds"}
+    assert entry["epoch"] == 1 and 0 <= entry["test_acc"] <= 1 and entry["train_loss"] > 0
+    ck = torch.load(ckpt, weights_only=True)
+    assert ck["epoch"] == 1 and ck["complete"] and ck["args"]["k"] == rm.method_k(rm._ns(args))
+
+
+def test_advprop_is_robmask_with_k2_and_p_frozen_at_1(tmp_path):
+    a = state(train(str(tmp_path / "advprop"), "--method", "advprop", epochs=2))
+    b = state(train(str(tmp_path / "robmask"), "--method", "robmask", "--k", "2", "--fix-p", "1", epochs=2))
+    c = state(train(str(tmp_path / "robmask-random"), "--method", "robmask", epochs=2))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # a drawn p is a different method
+
+
+def test_loss_falls_and_the_model_learns(tmp_path):
+    out = str(tmp_path / "bn")
+    train(out, "--method", "bn", "--subset", "1024", epochs=4)
+    log = read_log(out)
+    assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
+    assert log[-1]["test_acc"] > 0.5  # chance is 0.1
+
+
+def test_checkpoint_eval_round_trip_and_python_api(tmp_path):
+    out = str(tmp_path / "run")
+    ckpt = train(out, "--method", "robmask", epochs=2)
+    res_path = str(tmp_path / "eval.json")
+    assert cli("eval", ckpt, "--attack", "pgd", "--eps", "0,8/255", "--steps", "3", "--mask", "matched",
+               "--n", "128", "--out", res_path) == 0
+    with open(res_path) as f:
+        rows = json.load(f)["rows"]
+    assert [r["eps"] for r in rows] == [0, pytest.approx(8 / 255)]
+    assert all(set(r) >= {"attack", "eps", "steps", "mask", "accuracy", "n"} and r["n"] == 128 for r in rows)
+    assert rows[0]["accuracy"] == read_log(out)[-1]["test_acc"]  # the same clean test subset, the same model
+    assert rows[1]["accuracy"] <= rows[0]["accuracy"] and rows[1]["u"] == [0, 1]
+    model, args = rm.load_checkpoint(ckpt)
+    assert not model.training and args["method"] == "robmask"
+    clf = rm.fixed_mask(model, 0.0)
+    x = torch.rand(4, 3, 32, 32)
+    y = clf(x).argmax(1)
+    x_adv = rm.pgd(clf, x, y, 8 / 255, 2 / 255, 3)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
