@@ -662,13 +662,14 @@ def cifar_arrays(args):
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    folder = "cifar-10-batches-py" if args.dataset == "cifar10" else "cifar-100-python"
     os.makedirs(root, exist_ok=True)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             sets = [cls(root, train=t, download=True) for t in (True, False)]
     except Exception as e:  # offline, or a half-downloaded archive
         die(f"could not read or download {args.dataset} in {root} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            f"offline, give --data-dir a folder holding either torchvision's {cls.base_folder}/ or "
+            f"offline, give --data-dir a folder holding either torchvision's {folder}/ or "
             "train/<class>/*.png|jpg and test/<class>/*.png|jpg")
     out = []
     for s, n in zip(sets, (args.subset, args.test_n)):
@@ -1681,7 +1682,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (no usage dump) and exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"robmask: error: {self.prog.split()[-1]}: {message} (see --help)\n")
+        raise UserError(f"{self.prog.split()[-1]}: {message} (see --help)")
 
 
 def runtime_flags():
@@ -1846,6 +1847,8 @@ def main(argv=None):
     except UserError as e:
         print(f"robmask: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except SystemExit as e:  # --help
+        return e.code
     except KeyboardInterrupt:
         print("robmask: interrupted; the last checkpoint (end of the last finished epoch) is intact: "
               "run the same command with --resume to continue", file=sys.stderr, flush=True)

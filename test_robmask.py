@@ -397,3 +397,171 @@ def test_checkpoint_eval_round_trip_and_python_api(tmp_path):
     y = clf(x).argmax(1)
     x_adv = rm.pgd(clf, x, y, 8 / 255, 2 / 255, 3)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost, nothing let in: resume, atomic checkpoints, safe loading, bad input
+# ---------------------------------------------------------------------------------------------
+def subprocess_train(out, *extra):
+    cmd = [sys.executable, os.path.join(HERE, "robmask.py"), "train", *TINY, "--method", "robmask", *extra, "--out", out]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
+    epochs = ["--epochs", "4"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    assert subprocess_train(straight, *epochs).wait() == 0
+    proc = subprocess_train(killed, *epochs)
+    ckpt = os.path.join(killed, "checkpoint.pt")
+    while True:  # kill it in the middle of epoch 3, after the epoch-2 checkpoint exists
+        if os.path.exists(ckpt) and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at_kill = torch.load(ckpt, weights_only=True)
+    assert not at_kill["complete"] and at_kill["epoch"] < 4  # the kill really interrupted the run
+    resumed = subprocess.run([sys.executable, os.path.join(HERE, "robmask.py"), "train", "--out", killed, "--resume"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {killed} after epoch {at_kill['epoch']}" in resumed.stdout
+    a, b = state(os.path.join(straight, "checkpoint.pt")), state(ckpt)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda log: [{k: v for k, v in e.items() if k not in ("img_per_s", "seconds")} for e in log]  # noqa: E731
+    assert strip(read_log(straight)) == strip(read_log(killed))
+
+
+def test_out_dir_is_protected_and_resume_continues_or_skips(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train(out, "--method", "bn", epochs=1)
+    first = state(os.path.join(out, "checkpoint.pt"))
+    code = cli("train", *TINY, "--method", "bn", "--epochs", "1", "--out", out)
+    one_line_error(capsys, code, "already holds a run", "--resume", "--force")
+    assert all(torch.equal(first[k], v) for k, v in state(os.path.join(out, "checkpoint.pt")).items())
+    assert cli("train", "--out", out, "--resume") == 0
+    assert "[skip]" in capsys.readouterr().out  # a complete run is skipped
+    code = cli("train", "--out", out, "--resume", "--epochs", "3")
+    one_line_error(capsys, code, "--epochs 3 differs", "(1)")
+    assert cli("train", *TINY, "--method", "bn", "--epochs", "1", "--seed", "1", "--out", out, "--force") == 0
+    assert not all(torch.equal(first[k], v) for k, v in state(os.path.join(out, "checkpoint.pt")).items())
+    fresh = str(tmp_path / "fresh")
+    assert cli("train", *TINY, "--method", "bn", "--epochs", "1", "--out", fresh, "--resume") == 0  # nothing to resume
+    assert "starting a new run" in capsys.readouterr().out and os.path.exists(os.path.join(fresh, "checkpoint.pt"))
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "f.bin")
+    rm.atomic_write(path, lambda f: f.write(b"good"))
+
+    def crash(f):
+        f.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        rm.atomic_write(path, crash)
+    assert open(path, "rb").read() == b"good" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_nan_loss_stops_with_a_message_naming_epoch_and_step(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code = cli("train", *TINY, "--method", "bn", "--epochs", "1", "--lr", "1e30", "--out", out)
+    msg = one_line_error(capsys, code, "epoch 1, step")
+    assert "nan" in msg or "inf" in msg
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))  # nothing bad was saved
+
+
+class Payload:
+    """Unpickling this would create a file: proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path, capsys):
+    marker, path = str(tmp_path / "pwned"), str(tmp_path / "evil.pt")
+    torch.save({"format": rm.FORMAT, "model": Payload(marker), "args": {}}, path)
+    one_line_error(capsys, cli("eval", path), "pickled code", "refused")
+    assert not os.path.exists(marker)
+
+
+def test_truncated_foreign_and_mismatched_checkpoints(tmp_path, capsys):
+    ckpt = train(str(tmp_path / "run"), "--method", "advprop")
+    blob = open(ckpt, "rb").read()
+    bad = str(tmp_path / "truncated.pt")
+    open(bad, "wb").write(blob[: len(blob) // 2])
+    one_line_error(capsys, cli("eval", bad), "truncated or corrupt")
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"state_dict": {}}, foreign)
+    one_line_error(capsys, cli("eval", foreign), "not a robmask checkpoint")
+    ck = torch.load(ckpt, weights_only=True)
+    ck["args"]["method"], ck["args"]["k"] = "bn", 1  # claims one BN basis, holds two
+    liar = str(tmp_path / "liar.pt")
+    torch.save(ck, liar)
+    one_line_error(capsys, cli("eval", liar), "does not fit", "(2, 8) in the checkpoint", "(1, 8) in the model")
+    ck["args"]["arch"], ck["args"]["k"] = "resnet18", 2
+    torch.save(ck, liar)
+    one_line_error(capsys, cli("eval", liar), "does not fit resnet18", "has no tensor")
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["train", "--arch", "vgg"], ["unknown architecture 'vgg'", "preactresnet18"]),
+    (["train", "--method", "trades"], ["unknown --method 'trades'", "robmask"]),
+    (["train", "--eps-max=-1/255"], ["outside [0, 1]"]),
+    (["train", "--eps-max", "2"], ["outside [0, 1]"]),
+    (["train", "--eps-max", "8/0"], ["invalid value '8/0'", "8/255"]),
+    (["train", "--eps-max", "abc"], ["invalid value 'abc'"]),
+    (["train", "--fix-p", "1.5"], ["--fix-p", "outside [0, 1]"]),
+    (["train", "--k", "0"], ["--k 0 must be at least 1"]),
+    (["train", "--method", "advprop", "--k", "3"], ["--k is fixed to 2 by --method advprop"]),
+    (["train", "--method", "bn", "--fix-p", "0.5"], ["--fix-p applies to --method robmask"]),
+    (["train", "--batch-size", "0"], ["--batch-size", "at least 1"]),
+    (["train", "--batch-size=-5"], ["--batch-size", "at least 1"]),
+    (["train", "--epochs=-1"], ["--epochs", "must not be negative"]),
+    (["train", "--dataset", "imagenet", "--arch", "preactresnet18"], ["torchvision's resnet18"]),
+    (["eval", "ckpt.pt", "--mask", "often"], ["invalid mask 'often'"]),
+    (["eval", "ckpt.pt", "--eps", "0,9"], ["outside [0, 1]"]),
+])
+def test_bad_arguments_get_one_line(argv, fragments, capsys):
+    one_line_error(capsys, cli(*argv), *fragments)
+
+
+def test_bad_data_gets_one_line(tmp_path, capsys, monkeypatch):
+    one_line_error(capsys, cli("train", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r1")),
+                   "--data-dir", "does not exist")
+    empty = tmp_path / "empty"
+    for split in ("train", "test"):
+        (empty / split / "cat").mkdir(parents=True)
+    one_line_error(capsys, cli("train", "--data-dir", str(empty), "--out", str(tmp_path / "r2")), "no images found")
+    one_line_error(capsys, cli("eval", str(tmp_path / "missing.pt")), "does not exist")
+    import torchvision
+
+    def offline(*a, **kw):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz: <urlopen error [Errno -3]>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    one_line_error(capsys, cli("train", "--data-dir", str(bare), "--out", str(tmp_path / "r3")),
+                   "could not read or download cifar10", "train/<class>", "test/<class>")
+
+
+def test_checkpoint_class_count_must_match_the_data(tmp_path, capsys):
+    two = write_image_folder(str(tmp_path / "two"), classes=("a", "b"))
+    three = write_image_folder(str(tmp_path / "three"), classes=("a", "b", "c"))
+    out = str(tmp_path / "run")
+    assert cli("train", "--data-dir", two, "--arch", "resnet18", "--width", "4", "--batch-size", "8", "--epochs", "1",
+               "--method", "bn", "--out", out) == 0
+    one_line_error(capsys, cli("eval", os.path.join(out, "checkpoint.pt"), "--data-dir", three, "--attack", "none"),
+                   "2 classes", "has 3")
+
+
+def test_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "robmask.py"), "train", "--arch", "vgg"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "unknown architecture" in r.stderr and "Traceback" not in r.stderr
