@@ -1266,7 +1266,7 @@ def cmd_bench(args):
     cases["adv_unfrozen"] = make("adv", freeze_params=False)  # the common implementation of the attack
     cases["fwdbwd_masked"], cases["fwdbwd_plain"] = fwd_bwd(True), fwd_bwd(False)
     times = {name: [] for name in cases}
-    peak = {}
+    peak, rss_before = {}, _peak_rss_mb()
     gen = torch.Generator().manual_seed(0)
     log(f"bench: {args.arch} width {args.width}, batch {args.batch_size}, {args.steps} timed steps "
         f"(+{args.warmup} warm-up) per case, round-robin, on {device}")
@@ -1294,26 +1294,42 @@ def cmd_bench(args):
         count += len(x)
     _sync(device)
     pipeline = count / (time.perf_counter() - t0)
-    # FLOPs of one step per method (eager, counted by torch.utils.flop_counter)
-    flops = {}
-    for m in methods:
-        net, a = build_model(args.arch, 10, method_k(bench_args(m)), args.width).to(device), bench_args(m, fix_p=0.5)
+    # FLOPs per step, counted by torch.utils.flop_counter on two pieces: a training forward+backward, and
+    # one attack step (forward + backward to the input only, parameters frozen). A method's step is one
+    # training forward+backward per branch plus attack_steps attack steps per attacked branch. (The
+    # counter cannot trace pgd itself: its module tracker rejects autograd.grad on a leaf input.)
+    net, (x, y) = build_model(args.arch, 10, 2, args.width).to(device), batches[0]
+
+    def count(fn):
         counter = FlopCounterMode(display=False)
-        with counter:
-            train_step(net, BranchLoss(net, amp), torch.optim.SGD(net.parameters(), lr=0.0), *batches[0], 0.5, a, amp)
-        flops[m] = counter.get_total_flops()
-    # the machine's dense matmul rate, measured here, in the dtype that training computes in
-    dtype = torch.bfloat16 if args.amp else torch.float32
-    n = 2048
+        with counter, amp():
+            fn()
+        return counter.get_total_flops()
+
+    train_flops = count(lambda: F.cross_entropy(net(x).float(), y).backward())
+    for p in net.parameters():
+        p.requires_grad_(False)
+    attack_flops = count(lambda: F.cross_entropy(net(x.clone().requires_grad_(True)).float(), y).backward())
+    flops = {m: sum(train_flops + (7 * attack_flops if s > 0 else 0) for s, _ in branches(bench_args(m, 0.5), 0.5))
+             for m in methods}
+    # The machine's dense matmul rate, measured here in the dtype that training computes in, by two paths:
+    # torch.mm (BLAS) and the same n×n×n product as a 1×1 convolution (oneDNN on the CPU). On some CPUs
+    # (MKL on AMD) the BLAS path is far from the hardware peak; the better of the two is the denominator.
+    dtype, n = (torch.bfloat16 if args.amp else torch.float32), 2048
+
+    def rate(fn, reps=10):
+        for _ in range(2):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        return 2 * n**3 * reps / (time.perf_counter() - t0)
+
     a_, b_ = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a_ @ b_
-    _sync(device)
-    reps, t0 = 10, time.perf_counter()
-    for _ in range(reps):
-        a_ @ b_
-    _sync(device)
-    peak_flops = 2 * n**3 * reps / (time.perf_counter() - t0)
+    matmul_rates = dict(mm=rate(lambda: a_ @ b_), conv1x1=rate(lambda: F.conv2d(a_.view(1, n, n, 1), b_.view(n, n, 1, 1))))
+    peak_flops = max(matmul_rates.values())
     result = dict(
         device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
         amp=bool(args.amp), channels_last=bool(args.channels_last), compile=bool(args.compile),
@@ -1324,15 +1340,17 @@ def cmd_bench(args):
                     masked_over_plain=med["fwdbwd_masked"] / med["fwdbwd_plain"],
                     frozen_attack_over_unfrozen=med["adv"] / med["adv_unfrozen"],
                     pipeline_over_train=pipeline / (args.batch_size / med["bn"])),
-        pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=peak_flops,
+        pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=peak_flops, matmul_paths=matmul_rates,
         mfu={m: flops[m] / med[m] / peak_flops for m in methods},
         peak_memory_mb={m: peak[m] for m in methods},
-        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)")
+        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)",
+        rss_before_steps_mb=rss_before)
     log(f"{'method':10s} {'step s':>8s} {'img/s':>8s} {'GFLOP/step':>11s} {'MFU':>6s} {'peak MB':>8s}")
     for m in methods:
         log(f"{m:10s} {med[m]:8.4f} {result['img_per_s'][m]:8.1f} {flops[m] / 1e9:11.2f} "
             f"{result['mfu'][m]:6.1%} {peak[m]:8.0f}")
-    log(f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s ({dtype}); data pipeline {pipeline:.0f} img/s")
+    log(f"dense matmul {peak_flops / 1e9:.1f} GFLOP/s ({dtype}; torch.mm {matmul_rates['mm'] / 1e9:.1f}, as 1x1 conv "
+        f"{matmul_rates['conv1x1'] / 1e9:.1f}); data pipeline {pipeline:.0f} img/s")
     for key, v in result["ratios"].items():
         log(f"{key:28s} {v:.3f}")
     if args.out:

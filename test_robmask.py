@@ -565,3 +565,282 @@ def test_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "unknown architecture" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed and scale: AMP, channels_last, compile, DDP, bench (all exercised on the CPU)
+# ---------------------------------------------------------------------------------------------
+def test_amp_and_channels_last_train_and_match_fp32_roughly(tmp_path):
+    fp32, fast = str(tmp_path / "fp32"), str(tmp_path / "amp")
+    train(fp32, "--method", "robmask")
+    ckpt = train(fast, "--method", "robmask", "--amp", "--channels-last")
+    a, b = read_log(fp32)[0]["train_loss"], read_log(fast)[0]["train_loss"]
+    assert abs(a - b) < 0.05 * a  # bf16 autocast computes the same thing, to bf16 precision
+    sd = state(ckpt)
+    assert sd.keys() == state(os.path.join(fp32, "checkpoint.pt")).keys()
+    assert all(t.dtype in (torch.float32, torch.int64) for t in sd.values())  # weights stay fp32 under autocast
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_model(tmp_path):
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    args = ["--method", "advprop", "--arch", "resnet18", "--width", "4"]
+    train(eager, *args)
+    train(compiled, *args, "--compile")
+    a, b = read_log(eager)[0], read_log(compiled)[0]
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 * a["train_loss"]
+    assert state(os.path.join(compiled, "checkpoint.pt")).keys() == state(os.path.join(eager, "checkpoint.pt")).keys()
+
+
+def torchrun(out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "robmask.py"), "train", *TINY, "--device", "cpu", "--out", out, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_two_processes(tmp_path):
+    # 1. one step of bn with a global batch of 128: the logged loss is the mean of the two ranks' losses,
+    #    each on its half of the very batch a single process would see (recomputed here exactly)
+    ddp = str(tmp_path / "ddp")
+    torchrun(ddp, "--method", "bn", "--subset", "128", "--batch-size", "128", "--epochs", "1")
+    (entry,) = read_log(ddp)
+    assert entry["rank_max_abs_diff"] == 0.0  # both ranks hold identical weights
+    torch.manual_seed(0)
+    net = rm.build_model("preactresnet18", 10, 1, 8, "synthetic")
+    xtr, ytr, xte, yte, classes = rm.synthetic_data()
+    idx = rm.subset_indices(ytr, 128)
+    data = rm.DeviceData(xtr[idx], ytr[idx], xte, yte, classes, torch.device("cpu"))
+    halves = [next(iter(data.train_batches(0, 128, 0, rank=r, world=2))) for r in (0, 1)]
+    expected = sum(F.cross_entropy(copy.deepcopy(net).train()(x), y).item() for x, y in halves) / 2
+    assert entry["train_loss"] == pytest.approx(expected, abs=1e-5)
+    single = str(tmp_path / "single")
+    train(single, "--method", "bn", "--subset", "128", "--batch-size", "128")
+    # one process normalises with statistics over 128 images, each rank over its 64: close, not equal
+    assert abs(read_log(single)[0]["train_loss"] - entry["train_loss"]) < 0.05
+    # 2. the multi-branch step (two forwards, one backward) under DDP: runs, ranks stay identical
+    robmask = str(tmp_path / "robmask")
+    torchrun(robmask, "--method", "robmask", "--epochs", "2")
+    assert [e["rank_max_abs_diff"] for e in read_log(robmask)] == [0.0, 0.0]
+    assert torch.load(os.path.join(robmask, "checkpoint.pt"), weights_only=True)["complete"]
+
+
+def test_bench_reports_every_field(tmp_path):
+    out = str(tmp_path / "bench.json")
+    assert cli("bench", "--arch", "preactresnet18", "--width", "4", "--batch-size", "16", "--steps", "1",
+               "--warmup", "0", "--out", out) == 0
+    with open(out) as f:
+        b = json.load(f)
+    methods = {"bn", "adv", "advprop", "robmask"}
+    assert set(b["img_per_s"]) == methods and all(v > 0 for v in b["img_per_s"].values())
+    assert set(b["ratios"]) == {"robmask_over_advprop", "masked_over_plain", "frozen_attack_over_unfrozen",
+                                "pipeline_over_train"}
+    f = b["flops_per_step"]
+    assert f["robmask"] == f["advprop"] and f["advprop"] > f["adv"] > f["bn"] > 0  # same work per step
+    assert f["adv"] > 5 * f["bn"]  # 7 attack steps of forward + input-gradient backward
+    assert all(0 < b["mfu"][m] for m in methods) and all(b["peak_memory_mb"][m] > 0 for m in methods)
+
+
+# ---------------------------------------------------------------------------------------------
+# §3: BN-only fine-tuning, combining maskings, AutoAttack, figures
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def standard_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("std") / "bn")
+    return train(out, "--method", "bn", epochs=2)
+
+
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.mark.parametrize("params,on,moves", [
+    ("affine", "adv", ("W", "Wp")), ("gamma", "clean", ("W",)), ("beta", "clean", ("Wp",)), ("stats", "adv", ())])
+def test_finetune_bn_changes_only_the_chosen_bn_tensors(standard_run, tmp_path, params, on, moves):
+    out = str(tmp_path / params)
+    assert cli("finetune-bn", standard_run, "--on", on, "--params", params, "--epochs", "1", "--out", out) == 0
+    before, after = state(standard_run), state(os.path.join(out, "checkpoint.pt"))
+    assert before.keys() == after.keys()
+    allowed = moves + STATS
+    for key in before:
+        if not key.endswith(allowed):
+            assert torch.equal(before[key], after[key]), f"{params}: {key} changed"
+    for name in moves + ("running_mean",):  # what may move does move
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("." + name)), name
+    with open(os.path.join(out, "args.json")) as f:
+        a = json.load(f)
+    assert a["bn_params"] == params and a["finetune_on"] == on and a["method"] == ("adv" if on == "adv" else "bn")
+    assert len(read_log(out)) == 1  # a normal run directory: eval, plot and tradeoff accept it
+
+
+def test_tradeoff_endpoints_reproduce_the_two_checkpoints_exactly(standard_run, tmp_path):
+    tuned = str(tmp_path / "tuned")
+    assert cli("finetune-bn", standard_run, "--on", "adv", "--params", "affine", "--epochs", "1", "--out", tuned) == 0
+    tuned_ckpt = os.path.join(tuned, "checkpoint.pt")
+    common = ["--steps", "3", "--n", "64"]
+    evals = []
+    for ck in (standard_run, tuned_ckpt):
+        path = str(tmp_path / f"eval{len(evals)}.json")
+        assert cli("eval", ck, "--attack", "pgd", "--eps", "0,8/255", "--mask", "clean", *common, "--out", path) == 0
+        evals.append([r["accuracy"] for r in json.load(open(path))["rows"]])
+    out = str(tmp_path / "tradeoff.json")
+    assert cli("tradeoff", standard_run, tuned_ckpt, "--p", "0,0.5,1", "--eps", "8/255", *common, "--out", out) == 0
+    rows = json.load(open(out))["rows"]
+    assert [r["p"] for r in rows] == [0, 0.5, 1] and rows[1]["u"] == [0.5, 0.5]
+    assert [rows[0]["clean"], rows[0]["robust"]] == evals[0]
+    assert [rows[2]["clean"], rows[2]["robust"]] == evals[1]
+    combined, _ = rm.combine_checkpoints(standard_run, tuned_ckpt)  # the same predictions, bit for bit
+    x = torch.rand(8, 3, 32, 32)
+    for p, ck in ((0.0, standard_run), (1.0, tuned_ckpt)):
+        assert torch.equal(rm.fixed_mask(combined, p)(x), rm.fixed_mask(rm.load_checkpoint(ck)[0], 0.0)(x))
+
+
+def test_tradeoff_slides_one_robmask_checkpoint_and_refuses_what_cannot_combine(standard_run, tmp_path, capsys):
+    ckpt = train(str(tmp_path / "robmask"), "--method", "robmask")
+    out = str(tmp_path / "slider.json")
+    assert cli("tradeoff", ckpt, "--p", "0,0.5,1", "--steps", "2", "--n", "64", "--out", out) == 0
+    rows = json.load(open(out))["rows"]
+    ev = cli("eval", ckpt, "--attack", "none", "--mask", "clean", "--n", "64", "--out", str(tmp_path / "e.json"))
+    assert ev == 0 and rows[0]["clean"] == json.load(open(tmp_path / "e.json"))["rows"][0]["accuracy"]
+    assert rows[2]["u"] == [0, 1]
+    one_line_error(capsys, cli("tradeoff", standard_run, "--out", out), "single BN (k=1)")
+    other_seed = train(str(tmp_path / "seed1"), "--method", "bn", "--seed", "1")
+    one_line_error(capsys, cli("tradeoff", standard_run, other_seed, "--out", out), "differ outside BN")
+    other_arch = train(str(tmp_path / "resnet"), "--method", "bn", "--arch", "resnet18")
+    one_line_error(capsys, cli("tradeoff", standard_run, other_arch, "--out", out), "differ in arch")
+
+
+def test_autoattack_custom_runs_and_never_beats_clean(standard_run, tmp_path, capsys):
+    out = str(tmp_path / "aa.json")
+    assert cli("eval", standard_run, "--attack", "autoattack", "--aa-version", "custom", "--aa-attacks", "apgd-ce",
+               "--eps", "0,8/255", "--n", "32", "--out", out) == 0
+    rows = json.load(open(out))["rows"]
+    assert [r["attack"] for r in rows] == ["autoattack"] * 2 and rows[0]["n"] == 32
+    assert rows[1]["accuracy"] <= rows[0]["accuracy"]
+    assert "autoattack: " in capsys.readouterr().out  # its DEBUG-level progress reaches the terminal
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_every_plot_writes_a_png_of_the_expected_size(standard_run, tmp_path):
+    run_dir = os.path.dirname(standard_run)
+    tuned = str(tmp_path / "tuned")
+    assert cli("finetune-bn", standard_run, "--on", "clean", "--params", "gamma", "--epochs", "1", "--out", tuned) == 0
+    tuned_ckpt = os.path.join(tuned, "checkpoint.pt")
+    trade = str(tmp_path / "t.json")
+    assert cli("tradeoff", standard_run, tuned_ckpt, "--p", "0,1", "--steps", "1", "--n", "32", "--out", trade) == 0
+    cases = {"bn-params": [standard_run, tuned_ckpt, "--layer", "2"], "feature-maps": [standard_run, tuned_ckpt],
+             "curves": [run_dir, tuned], "tradeoff": [trade]}
+    for kind, argv in cases.items():
+        png = str(tmp_path / f"{kind}.png")
+        assert cli("plot", kind, *argv, "--out", png) == 0
+        w, h = rm.FIG_SIZES[kind]
+        assert png_size(png) == (w * rm.FIG_DPI, h * rm.FIG_DPI) and os.path.getsize(png) > 5000
+
+
+def test_matplotlib_and_autoattack_are_imported_only_where_used():
+    code = "import sys, robmask; robmask.main(['--check', 'train']); print(sorted(m for m in ('matplotlib', 'pyautoattack') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0 and r.stdout.strip().endswith("[]"), r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# run_all.sh and report
+# ---------------------------------------------------------------------------------------------
+STAGES = "table1 fig1 fig4 table2 table3 table4 table5 table6 table7 table8 fig3 timing".split()
+
+
+def run_all(*args, env=None, timeout=600):
+    full_env = dict(os.environ, PY=sys.executable, **(env or {}))
+    return subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.mark.parametrize("scale", [[], ["--quick"]])
+def test_run_all_dry_run_lists_a_parsing_command_for_every_stage(tmp_path, scale):
+    import shlex
+
+    r = run_all("--dry-run", *scale, "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "nowhere"))
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(tmp_path / "runs" / "RESULTS.md")  # a dry run runs nothing
+    commands, stage = {}, None
+    for line in r.stdout.splitlines():
+        if line.startswith("== stage "):
+            stage = line.split()[-1]
+        elif line.startswith("+ ") and stage:
+            commands.setdefault(stage, []).append(line[2:])
+    assert sorted(commands) == sorted(STAGES)
+    for stage, lines in commands.items():
+        for line in lines:
+            argv = shlex.split(line)
+            argv = argv[argv.index("robmask.py") + 1:]
+            assert rm.main(["--check", *argv]) == 0, (stage, line)
+    assert any("torch.distributed.run" in line and "imagenet" in line for line in commands["table4"])
+    assert any("--eps-max 10/255" in line for line in commands["table6"])
+    assert sum("train" in line for line in commands["table3"]) == 36  # 2 datasets x 3 archs x 3 methods x 2 lengths
+
+
+def test_run_all_rejects_an_unknown_stage(tmp_path):
+    r = run_all("--only", "table9", "--runs", str(tmp_path))
+    assert r.returncode == 2 and "unknown stage table9" in r.stderr
+
+
+@pytest.mark.slow
+def test_run_all_skips_a_complete_stage(tmp_path):
+    env = dict(DATA="synthetic", SMALL="--width 4 --subset 128 --test-n 64 --batch-size 64 --attack-steps 1", LONG="1")
+    runs = str(tmp_path / "runs")
+    first = run_all("--quick", "--only", "table8", "--runs", runs, env=env)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert first.stdout.count("training robmask") == 3 and "[table8] done" in first.stdout
+    ckpts = [os.path.join(runs, f"cifar10-preactresnet18-robmask-long-s{s}", "checkpoint.pt") for s in range(3)]
+    stamps = [os.stat(c).st_mtime_ns for c in ckpts]
+    second = run_all("--quick", "--only", "table8", "--runs", runs, env=env)
+    assert second.returncode == 0 and "training robmask" not in second.stdout
+    assert second.stdout.count("[skip]") == 3 and [os.stat(c).st_mtime_ns for c in ckpts] == stamps
+    results = open(os.path.join(runs, "RESULTS.md")).read()
+    assert "(n=3)" in results  # table 8: mean ± std over the three seeds
+
+
+def write_run(root, name, test_accs, evals=None, epochs=None):
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for i, acc in enumerate(test_accs):
+            f.write(json.dumps(dict(epoch=i + 1, lr=0.1, train_loss=1.0, test_acc=acc, img_per_s=1.0, seconds=10.0 * (i + 1))) + "\n")
+    with open(os.path.join(d, "args.json"), "w") as f:
+        json.dump(dict(epochs=epochs or len(test_accs)), f)
+    for file, rows in (evals or {}).items():
+        with open(os.path.join(d, file), "w") as f:
+            json.dump(dict(rows=[dict(eps=e, accuracy=a) for e, a in rows]), f)
+
+
+def test_report_builds_the_tables_and_marks_missing_runs(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "cifar10-resnet18-bn-long-s0", [0.5, 0.9], {"eval.json": [(0, 0.9), (8 / 255, 0.01)]})
+    for s, acc in enumerate([0.90, 0.92, 0.94]):
+        write_run(root, f"cifar10-preactresnet18-robmask-long-s{s}", [0.5, acc])
+    write_run(root, "cifar10-preactresnet18-bn-short-s0", [0.7], epochs=1)
+    write_run(root, "cifar10-resnet18-advprop-long-s0", [0.8], {"eval-pgd.json": [(i / 255, 0.8 - 0.05 * i) for i in range(9)]})
+    write_run(root, "cifar10-densenet121-advprop-long-s0", [0.6, 0.7])
+    with open(os.path.join(root, "table2-tradeoff.json"), "w") as f:
+        json.dump(dict(rows=[dict(p=0.0, clean=0.5, robust=0.3), dict(p=1.0, clean=0.8, robust=0.1)]), f)
+    os.makedirs(os.path.join(root, "figures"))
+    open(os.path.join(root, "figures", "fig3-curves.png"), "wb").write(b"png")
+    assert cli("report", root) == 0
+    md = open(os.path.join(root, "RESULTS.md")).read()
+    assert "| standard | 90.00 | 1.00 |" in md
+    assert "| adversarial | not run | not run |" in md
+    assert "92.00 ± 2.00 (n=3)" in md
+    assert "| 0.0 | 50.00 | 30.00 |" in md and "| 1.0 | 80.00 | 10.00 |" in md
+    assert "| AdvProp | 80.00 | 75.00 | 70.00 | 65.00 | 60.00 | 55.00 | 50.00 | 45.00 | 40.00 |" in md
+    assert "| cifar10 | preactresnet18 | 70.00 | not run | not run | not run | not run | 92.00 ± 2.00 (n=3) |" in md
+    assert "BN short (1 ep)" in md and "| 15.0 | not run |" in md  # timing: mean seconds per epoch
+    assert "[fig3-curves.png](figures/fig3-curves.png)" in md and "fig1-bn-params.png: not run" in md
+    assert md.count("*Paper's claim:*") == 9
+    assert "| not run | not run | not run |" in md  # table 4: no ImageNet runs
