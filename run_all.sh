@@ -73,7 +73,7 @@ if ((QUICK)); then
   RUNS=${RUNS:-runs/quick}
   read -r -a R18 <<< "${R18:---width 16 --subset 10000 --test-n 1000}"
   read -r -a SMALL <<< "${SMALL:---width 8 --subset 2000 --test-n 500}"
-  R18_EPOCHS=${R18_EPOCHS:-8} LONG=${LONG:-3} SHORT=${SHORT:-1} FT_EPOCHS=1
+  R18_EPOCHS=${R18_EPOCHS:-8} LONG=${LONG:-3} SHORT=${SHORT:-1} FT_EPOCHS=2
   EVAL=(--n 500) PGD_STEPS=10 TRADE=(--steps 10 --n 500)
   AA=(--aa-version custom --aa-attacks apgd-ce --n 100) AA_SWEEP=0,4/255,8/255
   IMNET=(--image-size 64 --subset 2000 --test-n 500 --epochs 1 --batch-size 64)
@@ -100,7 +100,9 @@ once() {  # once OUTPUT COMMAND...: run COMMAND unless OUTPUT exists already
 have() {  # have DIR NAME: is the dataset there? (with --dry-run, pretend it is)
   [[ $1 == synthetic || -d $1 ]] && return 0
   if ((DRY)); then echo "# ($2 not found at $1: this part would be skipped)"; return 0; fi
-  echo "[$STAGE] skipping $2: no data at $1 (set ${3:-DATA} or mkdir it to let torchvision download)"
+  local hint="set ${3:-DATA}, or mkdir it to let torchvision download it"
+  [[ $2 == ImageNet ]] && hint="set IMAGENET to a folder with train/ and val/"
+  echo "[$STAGE] skipping $2: no data at $1 ($hint)"
   return 1
 }
 data_args() { [[ $1 == synthetic ]] && echo "--dataset synthetic" || echo "--dataset $2 --data-dir $1"; }
