@@ -877,6 +877,10 @@ def setup_device(args):
     want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {want} was asked for, but no CUDA device is visible; use --device cpu")
+    if want == "cpu":
+        # x86 CPUs slow down by up to a third on denormal floats, which PGD's input gradients produce on
+        # some data and not on other: flushing them to zero makes a step's time depend on its work only
+        torch.set_flush_denormal(True)
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
@@ -1039,7 +1043,9 @@ def run_training(args, parser_defaults, init_from=None):
     steps = data.steps_per_epoch(args.batch_size)
     if steps == 0:
         die(f"the training set has fewer images ({args.subset or 'all'}) than one batch ({args.batch_size}); lower --batch-size")
-    log(f"training {args.method} ({what}, {args.params:,} parameters) on {args.dataset}: {args.epochs} epochs "
+    job = (f"fine-tuning BN ({args.bn_params}) on {args.finetune_on} images" if getattr(args, "bn_params", None)
+           else f"training {args.method}")
+    log(f"{job} ({what}, {args.params:,} parameters) on {args.dataset}: {args.epochs} epochs "
         f"x {steps} steps of {args.batch_size}, {world} process(es) on {device}")
     for epoch in range(start, args.epochs):
         loss, rate, seconds = train_epoch(epoch, net, step_module, opt, data, args, amp, device,
@@ -1162,6 +1168,8 @@ def cmd_eval(args):
         log(f"{args.attack:10s} eps {eps * 255:5.2f}/255  mask {args.mask:7s} u={[round(v, 3) for v in u.tolist()]}  "
             f"accuracy {acc:.4f}  (n={n}, {time.time() - t0:.1f}s)")
     result = dict(checkpoint=args.ckpt, method=ck["method"], rows=rows)
+    if args.attack == "autoattack":
+        result["aa"] = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
     if args.out:
         write_json(args.out, result)
     return result
@@ -1560,6 +1568,15 @@ class Runs:
             vals += [r["accuracy"] for r in (res or {}).get("rows", []) if abs(r["eps"] - eps) < 1e-9]
         return self.cell(vals)
 
+    def attack(self, file, default):
+        """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
+        for d in sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []:
+            res = self.json(os.path.join(d, file))
+            if res and res.get("rows"):
+                row = res["rows"][-1]
+                return f"PGD-{row['steps']}" if row.get("attack") == "pgd" else f"AutoAttack ({res.get('aa', '?')})"
+        return default
+
     def epochs(self, name):
         for d in self.seeds(name):
             with open(os.path.join(d, "args.json")) as f:
@@ -1586,7 +1603,7 @@ def cmd_report(args):
           ("adversarial + γ only fine-tuned clean", f"{base}-adv-long-ft-clean-gamma"),
           ("adversarial + β only fine-tuned clean", f"{base}-adv-long-ft-clean-beta"),
           ("adversarial + running stats re-estimated clean", f"{base}-adv-long-ft-clean-stats")]
-    section(1, "ResNet-18 on CIFAR-10, BN fine-tuning (PGD at ε=8/255, mask clean)", table(
+    section(1, f"ResNet-18 on CIFAR-10, BN fine-tuning ({R.attack('eval.json', 'PGD')} at ε=8/255, mask clean)", table(
         ["model", "clean", "PGD 8/255"],
         [(label, R.eval_acc(name, "eval.json", 0.0), R.eval_acc(name, "eval.json", eps8)) for label, name in t1]))
     t2 = R.json("table2-tradeoff.json")
@@ -1608,7 +1625,7 @@ def cmd_report(args):
     for n, file, extra in ((5, "eval-pgd.json", []), (6, "eval-aa.json", [("RobMask ε_max=10/255", "robmask-eps10")])):
         rows = [[label] + [R.eval_acc(f"{base}-{m}-long", file, e) for e in sweep]
                 for label, m in [("adversarial", "adv"), ("AdvProp", "advprop"), ("RobMask", "robmask")] + extra]
-        section(n, f"ResNet-18 CIFAR-10, {'PGD-100' if n == 5 else 'AutoAttack'} accuracy, mask matched to ε",
+        section(n, f"ResNet-18 CIFAR-10, {R.attack(file, 'PGD' if n == 5 else 'AutoAttack')} accuracy, mask matched to ε",
                 table(["method"] + [f"{i}/255" for i in range(9)], rows))
     section(7, "DenseNet-121 CIFAR-10, AdvProp variants", table(["method", "clean"], [
         (m, R.final_acc(f"cifar10-densenet121-{m}-long")) for m in ("advprop", "advprop-random", "advprop-multi", "robmask")]))
@@ -1757,7 +1774,7 @@ def make_parser():
     f.add_argument("--params", choices=tuple(BN_PARTS), default="affine", help="which BN parts may change")
     f.add_argument("--eps", type=parse_eps, help="PGD ε for --on adv (default: the checkpoint's ε_max)")
     f.add_argument("--epochs", type=nonneg_int, default=2)
-    f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--lr", type=float, default=0.1, help="for the BN parameters, cosine to 0")
     f.add_argument("--batch-size", type=positive_int)
     f.add_argument("--subset", type=positive_int)
     f.add_argument("--test-n", type=positive_int)

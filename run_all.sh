@@ -73,14 +73,14 @@ if ((QUICK)); then
   RUNS=${RUNS:-runs/quick}
   read -r -a R18 <<< "${R18:---width 16 --subset 10000 --test-n 1000}"
   read -r -a SMALL <<< "${SMALL:---width 8 --subset 2000 --test-n 500}"
-  R18_EPOCHS=${R18_EPOCHS:-8} LONG=${LONG:-3} SHORT=${SHORT:-1} FT_EPOCHS=2
-  EVAL=(--n 500) PGD_STEPS=10 TRADE=(--steps 10 --n 500)
+  R18_EPOCHS=${R18_EPOCHS:-8} LONG=${LONG:-4} SHORT=${SHORT:-2} FT_EPOCHS=2
+  EVAL=(--n 500) T1_EVAL=(--n 1000) PGD_STEPS=10 TRADE=(--steps 10 --n 1000)
   AA=(--aa-version custom --aa-attacks apgd-ce --n 100) AA_SWEEP=0,4/255,8/255
   IMNET=(--image-size 64 --subset 2000 --test-n 500 --epochs 1 --batch-size 64)
 else
   RUNS=${RUNS:-runs/full}
   R18=() SMALL=() R18_EPOCHS=100 LONG=100 SHORT=20 FT_EPOCHS=5
-  EVAL=() PGD_STEPS=100 TRADE=(--steps 20)
+  EVAL=() T1_EVAL=() PGD_STEPS=100 TRADE=(--steps 20)
   AA=(--aa-version standard --n 1000) AA_SWEEP=$SWEEP
   IMNET=(--epochs 105 --batch-size 256)
 fi
@@ -130,7 +130,7 @@ stage_table1() {
   table1_models
   for r in bn-long bn-long-ft-adv-affine adv-long adv-long-ft-clean-{affine,gamma,beta,stats}; do
     once "$RUNS/$B-$r-s0/eval.json" "$PY" robmask.py eval "$(ck "$B-$r")" --attack pgd --eps 0,8/255 \
-      --steps "$PGD_STEPS" --mask clean "${EVAL[@]}" --out "$RUNS/$B-$r-s0/eval.json"
+      --steps "$PGD_STEPS" --mask clean "${T1_EVAL[@]}" --out "$RUNS/$B-$r-s0/eval.json"
   done
 }
 stage_fig1() {

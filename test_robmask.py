@@ -817,7 +817,7 @@ def write_run(root, name, test_accs, evals=None, epochs=None):
         json.dump(dict(epochs=epochs or len(test_accs)), f)
     for file, rows in (evals or {}).items():
         with open(os.path.join(d, file), "w") as f:
-            json.dump(dict(rows=[dict(eps=e, accuracy=a) for e, a in rows]), f)
+            json.dump(dict(rows=[dict(eps=e, accuracy=a, attack="pgd", steps=7) for e, a in rows]), f)
 
 
 def test_report_builds_the_tables_and_marks_missing_runs(tmp_path):
@@ -843,4 +843,5 @@ def test_report_builds_the_tables_and_marks_missing_runs(tmp_path):
     assert "BN short (1 ep)" in md and "| 15.0 | not run |" in md  # timing: mean seconds per epoch
     assert "[fig3-curves.png](figures/fig3-curves.png)" in md and "fig1-bn-params.png: not run" in md
     assert md.count("*Paper's claim:*") == 9
+    assert "BN fine-tuning (PGD-7 at ε=8/255" in md and "ResNet-18 CIFAR-10, PGD-7 accuracy" in md
     assert "| not run | not run | not run |" in md  # table 4: no ImageNet runs
