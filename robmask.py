@@ -1667,34 +1667,20 @@ def parse_list(item):
     return parse
 
 
-def positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def number(kind, lo, hi=None):
+    """An argparse type: an int or float in [lo, hi] (no upper bound for hi=None)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {'integer' if kind is int else 'number'} {text!r}")
+        if not (lo <= v and (hi is None or v <= hi)):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}" if hi is None else f"{v} is outside [{lo}, {hi}]")
+        return v
+    return parse
 
 
-def nonneg_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must not be negative")
-    return v
-
-
-def unit_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}")
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{v} is outside [0, 1]")
-    return v
+positive_int, nonneg_int, unit_float = number(int, 1), number(int, 0), number(float, 0, 1)
 
 
 def arch_name(text):

@@ -521,7 +521,7 @@ def test_truncated_foreign_and_mismatched_checkpoints(tmp_path, capsys):
     (["train", "--method", "bn", "--fix-p", "0.5"], ["--fix-p applies to --method robmask"]),
     (["train", "--batch-size", "0"], ["--batch-size", "at least 1"]),
     (["train", "--batch-size=-5"], ["--batch-size", "at least 1"]),
-    (["train", "--epochs=-1"], ["--epochs", "must not be negative"]),
+    (["train", "--epochs=-1"], ["--epochs", "must be at least 0"]),
     (["train", "--dataset", "imagenet", "--arch", "preactresnet18"], ["torchvision's resnet18"]),
     (["eval", "ckpt.pt", "--mask", "often"], ["invalid mask 'often'"]),
     (["eval", "ckpt.pt", "--eps", "0,9"], ["outside [0, 1]"]),
@@ -845,3 +845,22 @@ def test_report_builds_the_tables_and_marks_missing_runs(tmp_path):
     assert md.count("*Paper's claim:*") == 9
     assert "BN fine-tuning (PGD-7 at ε=8/255" in md and "ResNet-18 CIFAR-10, PGD-7 accuracy" in md
     assert "| not run | not run | not run |" in md  # table 4: no ImageNet runs
+
+
+def test_imagenet_path_with_a_tiny_image_folder(tmp_path, capsys):
+    """ImageNet layout (train/ and val/), torchvision's resnet18, DataLoader workers; a corrupt file is skipped."""
+    root = write_image_folder(str(tmp_path / "imnet"), classes=("n01", "n02", "n03"), per_class=6, size=40,
+                              splits=("train", "val"))
+    with open(os.path.join(root, "train", "n01", "corrupt.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 not really a jpeg")
+    out = str(tmp_path / "run")
+    assert cli("train", "--dataset", "imagenet", "--data-dir", root, "--arch", "resnet18", "--image-size", "32",
+               "--batch-size", "6", "--epochs", "1", "--workers", "2", "--method", "advprop", "--attack-steps", "1",
+               "--out", out) == 0
+    (entry,) = read_log(out)
+    assert entry["epoch"] == 1 and 0 <= entry["test_acc"] <= 1
+    with open(os.path.join(out, "args.json")) as f:
+        args = json.load(f)
+    assert args["num_classes"] == 3 and args["params"] == rm.count_params(rm.build_model("resnet18", 3, 2, 64, "imagenet"))
+    model, _ = rm.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
