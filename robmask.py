@@ -156,12 +156,16 @@ class MaskedBatchNorm2d(nn.Module):
         self.register_buffer("u", encode(0.0, k), persistent=False)
         self.update_stats = True  # False: normalise with batch stats but leave running stats alone
 
+    def mix(self, bases):
+        """Σ_j u_j · bases[j]: γ from W, β from W' and, in evaluation, μ and σ² from the bases' running
+        statistics. Elementwise ops rather than a matmul, so that autocast keeps them in fp32."""
+        return (self.u[:, None] * bases).sum(0)
+
     def forward(self, x):
-        u = self.u[:, None]  # (k, 1). Elementwise ops, not a matmul, so autocast keeps them fp32
-        gamma = (u * self.W).sum(0)  # γ = Σ_j u_j w_j   (Algorithm 1: γ_i ← Σ_j u_ij w_j)
-        beta = (u * self.Wp).sum(0)  # β = Σ_j u_j w'_j  (Algorithm 1: β_i ← Σ_j u_ij w'_j)
+        gamma = self.mix(self.W)  # γ = Σ_j u_j w_j   (Algorithm 1: γ_i ← Σ_j u_ij w_j)
+        beta = self.mix(self.Wp)  # β = Σ_j u_j w'_j  (Algorithm 1: β_i ← Σ_j u_ij w'_j)
         if not self.training:  # evaluation: normalise with the u-mixture of the bases' statistics
-            mean, var = (u * self.running_mean).sum(0), (u * self.running_var).sum(0)
+            mean, var = self.mix(self.running_mean), self.mix(self.running_var)
             return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, self.eps)
         if not self.update_stats:  # e.g. a PGD attack in train-BN mode: batch stats, no update
             return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.eps)
@@ -173,7 +177,7 @@ class MaskedBatchNorm2d(nn.Module):
         batch_var = torch.zeros_like(batch_mean)
         out = F.batch_norm(x, batch_mean, batch_var, gamma, beta, True, 1.0, self.eps)
         with torch.no_grad():
-            w = self.momentum * u  # basis j moves by momentum·u_j; a basis with u_j=0 stays put
+            w = self.momentum * self.u[:, None]  # basis j moves by momentum·u_j; one with u_j=0 stays put
             self.running_mean.mul_(1 - w).add_(w * batch_mean)
             self.running_var.mul_(1 - w).add_(w * batch_var)
             self.num_batches_tracked.add_(1)
@@ -1391,9 +1395,9 @@ def bn_tensors(model, layer):
     layers = masked_layers(model)
     if not 1 <= layer <= len(layers):
         die(f"--layer {layer} is out of range: the model has {len(layers)} BN layers (1..{len(layers)})")
+    set_mask(model, encode(0.0, layers[0].k))
     m = layers[layer - 1]
-    u = encode(0.0, m.k)[:, None]
-    return [(u * t).sum(0).detach() for t in (m.running_mean, m.running_var, m.W, m.Wp)]
+    return [m.mix(t).detach() for t in (m.running_mean, m.running_var, m.W, m.Wp)]
 
 
 def plot_bn_params(args):

@@ -291,6 +291,17 @@ def test_balanced_subset_is_fixed_and_balanced():
     assert len(rm.subset_indices(labels, None)) == 300
 
 
+def test_eval_subset_is_the_same_balanced_images_whatever_the_seed():
+    xtr, ytr, xte, yte, classes = rm.synthetic_data(64, 300)
+    order = yte.argsort(stable=True)  # sorted by class, like an image folder: "the first 30" is one class
+    data = rm.DeviceData(xtr, ytr, xte[order], yte[order], classes, torch.device("cpu"))
+    picks = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        picks.append(torch.cat([y for _, y in data.test_batches(8, n=30)]))
+    assert torch.equal(picks[0], picks[1]) and torch.bincount(picks[0], minlength=10).tolist() == [3] * 10
+
+
 def test_device_data_ranks_split_the_global_batch_exactly():
     xtr, ytr, xte, yte, classes = rm.synthetic_data(256, 32)
     data = rm.DeviceData(xtr, ytr, xte, yte, classes, torch.device("cpu"))
