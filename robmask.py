@@ -1067,6 +1067,8 @@ def run_training(args, parser_defaults, init_from=None):
             save_run(args.out, net, opt, args_json, epoch + 1, history, complete=epoch + 1 == args.epochs)
     if args.epochs == start == 0 and rank == 0:
         save_run(args.out, net, opt, args_json, 0, history, complete=True)
+    if world > 1:  # nobody tears down the process group while rank 0 is still writing its checkpoint
+        dist.barrier()
 
 
 def save_run(out, net, opt, args_json, epoch, history, complete):
@@ -1857,13 +1859,13 @@ def validate(args):
 
 def main(argv=None):
     parser, train_parser = make_parser()
+    code = 0
     try:
         args = parser.parse_args(argv)
         validate(args)
         if args.check:
             print("ok: arguments are valid")
-            return 0
-        if args.command == "train":
+        elif args.command == "train":
             args.func(args, vars(train_parser.parse_args([])))
         elif args.command == "finetune-bn":
             args.func(args, {})
@@ -1871,17 +1873,21 @@ def main(argv=None):
             args.func(args)
     except UserError as e:
         print(f"robmask: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
     except SystemExit as e:  # --help
-        return e.code
+        code = e.code
     except KeyboardInterrupt:
         print("robmask: interrupted; the last checkpoint (end of the last finished epoch) is intact: "
               "run the same command with --resume to continue", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        code = 130
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        # Leave without tearing down the interpreter: gloo's worker threads can still hold Python
+        # tensors then, which sometimes aborts the process (pytorch/pytorch#179291). Files are fsynced.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
