@@ -33,6 +33,7 @@ Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -743,6 +744,10 @@ def _safe_pil_loader(path):
         return None
 
 
+def _unless_unreadable(transform, image):
+    return None if image is None else transform(image)
+
+
 def _drop_unreadable(batch):
     return torch.utils.data.default_collate([b for b in batch if b[0] is not None])
 
@@ -760,7 +765,7 @@ class LoaderData:
             list_image_folder(os.path.join(root, split))  # clear errors for a missing/empty folder
         train_tf = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor()])
         test_tf = T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor()])
-        wrap = lambda tf: (lambda im: None if im is None else tf(im))  # noqa: E731
+        wrap = functools.partial(functools.partial, _unless_unreadable)  # picklable, for spawned workers
         self.train_set = ImageFolder(os.path.join(root, "train"), wrap(train_tf), loader=_safe_pil_loader)
         self.test_set = ImageFolder(os.path.join(root, "val"), wrap(test_tf), loader=_safe_pil_loader)
         if args.subset:
@@ -1025,7 +1030,7 @@ def run_training(args, parser_defaults, init_from=None):
     net.to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    params = trainable_parameters(net, getattr(args, "bn_params", None))
+    params = trainable_parameters(net, args.bn_params)
     opt = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
            if params else None)  # paper §5: SGD, momentum 0.9, weight decay 5e-4, lr 0.1 for θ, W, W'
     history, start = [], 0
@@ -1047,7 +1052,7 @@ def run_training(args, parser_defaults, init_from=None):
     steps = data.steps_per_epoch(args.batch_size)
     if steps == 0:
         die(f"the training set has fewer images ({args.subset or 'all'}) than one batch ({args.batch_size}); lower --batch-size")
-    job = (f"fine-tuning BN ({args.bn_params}) on {args.finetune_on} images" if getattr(args, "bn_params", None)
+    job = (f"fine-tuning BN ({args.bn_params}) on {args.finetune_on} images" if args.bn_params
            else f"training {args.method}")
     log(f"{job} ({what}, {args.params:,} parameters) on {args.dataset}: {args.epochs} epochs "
         f"x {steps} steps of {args.batch_size}, {world} process(es) on {device}")
@@ -1079,7 +1084,7 @@ def save_run(out, net, opt, args_json, epoch, history, complete):
 
 
 def cmd_train(args, parser_defaults):
-    args.num_classes = None
+    args.num_classes = args.bn_params = args.finetune_on = None  # set by the data, and by finetune-bn
     run_training(args, parser_defaults)
 
 
