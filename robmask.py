@@ -42,7 +42,6 @@ import random
 import re
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -739,8 +738,8 @@ def _safe_pil_loader(path):
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except OSError as e:
-        warnings.warn(f"skipping unreadable image {path} ({e})")
+    except OSError as e:  # reported like every skipped file, from whichever worker process meets it
+        warn(f"skipping unreadable image {path} ({e})")
         return None
 
 
@@ -749,7 +748,8 @@ def _unless_unreadable(transform, image):
 
 
 def _drop_unreadable(batch):
-    return torch.utils.data.default_collate([b for b in batch if b[0] is not None])
+    batch = [b for b in batch if b[0] is not None]
+    return torch.utils.data.default_collate(batch) if batch else None  # None: the loops skip it
 
 
 class LoaderData:
@@ -760,18 +760,25 @@ class LoaderData:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
 
-        root, s = args.data_dir or "data/imagenet", args.image_size
-        for split in ("train", "val"):
-            list_image_folder(os.path.join(root, split))  # clear errors for a missing/empty folder
-        train_tf = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor()])
-        test_tf = T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor()])
+        self.root, s = args.data_dir or "data/imagenet", args.image_size
+        list_image_folder(os.path.join(self.root, "val"))  # a clear error for a missing or empty folder
         wrap = functools.partial(functools.partial, _unless_unreadable)  # picklable, for spawned workers
-        self.train_set = ImageFolder(os.path.join(root, "train"), wrap(train_tf), loader=_safe_pil_loader)
-        self.test_set = ImageFolder(os.path.join(root, "val"), wrap(test_tf), loader=_safe_pil_loader)
-        if args.subset:
-            self.train_set = torch.utils.data.Subset(self.train_set, subset_indices(self.train_set.targets, args.subset))
-        self.classes, self.device, self.rank, self.world = self.test_set.classes, device, rank, world
-        self.args = args
+        self.train_tf = wrap(T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor()]))
+        test_tf = wrap(T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor()]))
+        self.test_set = ImageFolder(os.path.join(self.root, "val"), test_tf, loader=_safe_pil_loader)
+        self.classes, self.device, self.args, self._train_set = self.test_set.classes, device, args, None
+
+    @property
+    def train_set(self):  # built on first use: eval, tradeoff and plot need only val/
+        if self._train_set is None:
+            from torchvision.datasets import ImageFolder
+
+            list_image_folder(os.path.join(self.root, "train"))
+            self._train_set = ImageFolder(os.path.join(self.root, "train"), self.train_tf, loader=_safe_pil_loader)
+            if self.args.subset:
+                self._train_set = torch.utils.data.Subset(
+                    self._train_set, subset_indices(self._train_set.targets, self.args.subset))
+        return self._train_set
 
     def _loader(self, dataset, batch_size, sampler=None, train=False):
         return torch.utils.data.DataLoader(
@@ -787,13 +794,15 @@ class LoaderData:
             sampler = torch.utils.data.DistributedSampler(self.train_set, world, rank, seed=seed, drop_last=True)
             self.train_loader = self._loader(self.train_set, batch_size // world, sampler, train=True)
         self.train_loader.sampler.set_epoch(epoch)
-        for x, y in self.train_loader:
-            yield self._to(x), y.to(self.device, non_blocking=True)
+        for batch in self.train_loader:
+            if batch is not None:
+                yield self._to(batch[0]), batch[1].to(self.device, non_blocking=True)
 
     def test_batches(self, batch_size, n=None, rank=0, world=1):
         idx = subset_indices(self.test_set.targets, n)[rank::world].tolist()
-        for x, y in self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size):
-            yield self._to(x), y.to(self.device, non_blocking=True)
+        for batch in self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size):
+            if batch is not None:
+                yield self._to(batch[0]), batch[1].to(self.device, non_blocking=True)
 
     def _to(self, x):
         x = x.to(self.device, non_blocking=True)
@@ -897,7 +906,8 @@ def setup_device(args):
         rank, world = dist.get_rank(), dist.get_world_size()
         if want.startswith("cuda"):
             want = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(want)
+    if want.startswith("cuda"):  # the current device, so that synchronize() and memory stats refer to it
+        torch.cuda.set_device(torch.device(want))
     return torch.device(want), rank, world
 
 
@@ -959,8 +969,11 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
         # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
         p = torch.rand((), generator=p_gen).item() if method_draws_p(args) else args.fix_p
         loss = train_step(net, step_module, opt, x, y, p, args, amp)
-        if not torch.isfinite(loss):
-            die(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; training stopped and the last "
+        finite = torch.isfinite(loss).float()
+        if world > 1:  # if one rank sees a NaN, all stop (instead of waiting in the next collective)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
+            die(f"the loss became non-finite ({loss.item()} here) at epoch {epoch + 1}, step {step + 1}; training stopped and the last "
                 "good checkpoint was kept. Lower --lr (or check the data) and start again")
         loss_sum += loss
         if time.time() - last_print > args.log_every and rank == 0:
@@ -995,8 +1008,8 @@ def prepare_out_dir(args, parser_defaults):
             if key in stored and key not in RUNTIME_KEYS and value != parser_defaults.get(key) and value != stored[key]:
                 die(f"--{key.replace('_', '-')} {value} differs from the run in {args.out} ({stored[key]}); "
                     "--resume continues the stored run: drop the flag, or use a new --out")
-        for key, value in stored.items():
-            if key not in RUNTIME_KEYS:
+        for key, value in stored.items():  # runtime flags may change; the rest is the stored run
+            if key not in RUNTIME_KEYS or getattr(args, key, None) is None:
                 setattr(args, key, value)
         return ckpt
     if args.resume:
@@ -1151,14 +1164,14 @@ def autoattack_accuracy(model, data, u, eps, args, device):
     xs, ys = zip(*data.test_batches(args.batch_size, args.n))
     x, y = torch.cat(xs), torch.cat(ys)
     clf = fixed_mask(model, u=u).eval()
-    if eps == 0:
-        with torch.no_grad():
-            return (clf(x).argmax(1) == y).float().mean().item(), len(y)
-    attacks = args.aa_attacks.split(",") if args.aa_version == "custom" else None
-    aa = AutoAttack(clf, norm="Linf", eps=eps, version=args.aa_version, attacks=attacks, device=device, seed=args.seed)
-    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=args.batch_size)
+    if eps > 0:
+        attacks = args.aa_attacks.split(",") if args.aa_version == "custom" else None
+        aa = AutoAttack(clf, norm="Linf", eps=eps, version=args.aa_version, attacks=attacks, device=device, seed=args.seed)
+        x, _ = aa.run_standard_evaluation(x, y, batch_size=args.batch_size)
     with torch.no_grad():
-        return (clf(x_adv).argmax(1) == y).float().mean().item(), len(y)
+        correct = sum((clf(x[i:i + args.batch_size]).argmax(1) == y[i:i + args.batch_size]).sum().item()
+                      for i in range(0, len(y), args.batch_size))
+    return correct / len(y), len(y)
 
 
 def cmd_eval(args):
@@ -1270,7 +1283,7 @@ def cmd_bench(args):
         net = nn.Sequential(Normalize(*MEAN_STD["cifar10"]), nn.Sequential(
             *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)))
         if masked:
-            set_mask(convert_masked_bn(net, 2), torch.tensor([0.5, 0.5]))
+            set_mask(convert_masked_bn(net, 2), encode(0.5, 2))
         net = prepare(net)
 
         def step(x, y, p):
@@ -1441,9 +1454,14 @@ def plot_feature_maps(args):
     plt = _pyplot()
     models = [load_checkpoint(p) for p in (args.ckpt_a, args.ckpt_b)]
     data = eval_data(args, models[0][1], torch.device("cpu"))
-    x = torch.cat([xb for xb, _ in data.test_batches(256)])[args.image: args.image + 1]
-    if len(x) == 0:
-        die(f"--image {args.image} is out of range for the test set")
+    seen = 0
+    for xb, _ in data.test_batches(256):  # walk to image I without holding the whole test set
+        if seen + len(xb) > args.image:
+            x = xb[args.image - seen:][:1]
+            break
+        seen += len(xb)
+    else:
+        die(f"--image {args.image} is out of range: the test set has {seen} images")
     acts = [first_bn_relu(fixed_mask(m, 0.0), x) for m, _ in models]
     c = acts[0].shape[0]
     side = math.ceil(math.sqrt(c))
@@ -1855,8 +1873,8 @@ def validate(args):
             die(f"--k is fixed to {METHODS[args.method][0]} by --method {args.method}; only robmask takes --k")
         if args.k is not None and args.k < 1:
             die(f"--k {args.k} must be at least 1")
-        if args.fix_p is not None and args.method != "robmask":
-            die(f"--fix-p applies to --method robmask only (not {args.method})")
+        if args.fix_p is not None and "p" not in METHODS[args.method][2]:
+            die(f"--fix-p applies to methods that draw p (robmask, advprop-random), not {args.method}")
         if args.dataset == "imagenet" and (args.arch != "resnet18" or args.width != 64):
             die("--dataset imagenet uses torchvision's resnet18 at full width: pass --arch resnet18 and no --width")
         args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}")
