@@ -38,7 +38,6 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import sys
 import time
@@ -953,7 +952,7 @@ def fmt_time(s):
 
 
 def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, total_steps):
-    """One epoch of Algorithm 1. Returns (mean loss, images per second)."""
+    """One epoch of Algorithm 1. Returns (mean loss, images per second, seconds)."""
     net.train()
     steps = data.steps_per_epoch(args.batch_size)
     # p is drawn from its own generator, seeded from (seed, epoch) and identical on every rank,
