@@ -17,6 +17,10 @@
 #   table8  RobMask over three seeds (PreActResNet-18, CIFAR-10)
 #   fig3    training curves, RobMask vs AdvProp, DenseNet-121
 #   timing  seconds per epoch, AdvProp vs RobMask (DenseNet-121)
+#   stats   the --bn-stats study (not in the paper): bn, advprop and robmask under each of mixed, split and
+#           shared, three seeds, one architecture, data and schedule; clean accuracy at u(0) on the full test
+#           set, PGD-20 at 8/255 on a balanced 1000 with the clean and the matched mask; robmask mixed also
+#           with --recalibrate (precise BN)
 # Then `robmask.py report` writes RUNS/RESULTS.md.
 #
 # Settings (a flag beats the environment variable):
@@ -55,7 +59,7 @@ while (($#)); do
   esac
   shift
 done
-ALL="table1 fig1 fig4 table2 table3 table4 table5 table6 table7 table8 fig3 timing"
+ALL="table1 fig1 fig4 table2 table3 table4 table5 table6 table7 table8 fig3 timing stats"
 for s in ${ONLY//,/ }; do
   [[ " $ALL " == *" $s "* ]] || { echo "run_all.sh: unknown stage $s; stages: $ALL" >&2; exit 2; }
 done
@@ -77,12 +81,16 @@ if ((QUICK)); then
   EVAL=(--n 500) T1_EVAL=(--n 1000) PGD_STEPS=10 TRADE=(--steps 10 --n 1000)
   AA=(--aa-version custom --aa-attacks apgd-ce --n 100) AA_SWEEP=0,4/255,8/255
   IMNET=(--image-size 64 --subset 2000 --test-n 500 --epochs 1 --batch-size 64)
+  # the stats study: 15 runs in about 100 minutes on 2 cores (measured: 223 img/s for a two-branch step)
+  read -r -a STATS <<< "${STATS:---width 16 --subset 8000 --test-n 1000}"
+  STATS_EPOCHS=${STATS_EPOCHS:-8} RECAL=2000
 else
   RUNS=${RUNS:-runs/full}
   R18=() SMALL=() R18_EPOCHS=100 LONG=100 SHORT=20 FT_EPOCHS=5
   EVAL=() T1_EVAL=() PGD_STEPS=100 TRADE=(--steps 20)
   AA=(--aa-version standard --n 1000) AA_SWEEP=$SWEEP
   IMNET=(--epochs 105 --batch-size 256)
+  STATS=() STATS_EPOCHS=100 RECAL=10000
 fi
 FIG=$RUNS/figures
 STAGE=setup
@@ -208,6 +216,32 @@ stage_fig3() {
     "$RUNS/cifar10-densenet121-robmask-long-s0" --out "$FIG/fig3-curves.png"
 }
 stage_timing() { have "$DATA" CIFAR-10 || return 0; densenet_models advprop robmask; }  # report reads log.jsonl
+stats_eval() {  # stats_eval RUN SUFFIX [EXTRA...]: clean on the whole test set, PGD-20 with both masks
+  local d=$RUNS/$1 sfx=$2 mask; shift 2
+  once "$d/eval-clean$sfx.json" "$PY" robmask.py eval "$d/checkpoint.pt" --attack none --mask clean "$@" \
+    --out "$d/eval-clean$sfx.json"
+  for mask in clean matched; do
+    once "$d/eval-pgd20-$mask$sfx.json" "$PY" robmask.py eval "$d/checkpoint.pt" --attack pgd --eps 8/255 --steps 20 \
+      --n 1000 --mask "$mask" "$@" --out "$d/eval-pgd20-$mask$sfx.json"
+  done
+}
+stage_stats() {  # seed-major, so that an interrupted study has whole seeds
+  have "$DATA" CIFAR-10 || return 0
+  local seed v name
+  for seed in 0 1 2; do
+    for v in bn:bn:mixed advprop:advprop:mixed robmask-mixed:robmask:mixed robmask-split:robmask:split \
+             robmask-shared:robmask:shared; do
+      IFS=: read -r v m mode <<< "$v"
+      name=cifar10-preactresnet18-stats-$v-s$seed
+      train "$name" --arch preactresnet18 "${C10[@]}" "${STATS[@]}" --epochs "$STATS_EPOCHS" --method "$m" \
+        --bn-stats "$mode" --seed "$seed"
+      stats_eval "$name" ""
+      [[ $v == robmask-mixed ]] && stats_eval "$name" -recal --recalibrate "$RECAL"
+    done
+  done
+  once "$FIG/stats-curves.png" "$PY" robmask.py plot curves "$RUNS"/cifar10-preactresnet18-stats-{bn,advprop,robmask-mixed,robmask-split,robmask-shared}-s0 \
+    --out "$FIG/stats-curves.png"
+}
 
 start=$(date +%s)
 echo "run_all.sh: $( ((QUICK)) && echo quick || echo full ) scale, RUNS=$RUNS, DATA=$DATA, DATA100=$DATA100, IMAGENET=$IMAGENET, NPROC=$NPROC"

@@ -102,7 +102,7 @@ def test_onehot_masks_are_k_independent_batchnorms(k):
     gen = torch.Generator().manual_seed(0)
     for step in range(6):
         j = int(torch.randint(0, k, (1,), generator=gen))
-        m.u = rm.encode(0, k, onehot=True) * 0 + torch.eye(k)[j]
+        rm.set_mask(m, torch.eye(k)[j])
         before = m.running_mean.clone(), m.running_var.clone()
         x = torch.randn(8, 5, 4, 4) + j
         out_m, out_bn = m(x), bns[j](x)
@@ -119,7 +119,7 @@ def test_onehot_masks_are_k_independent_batchnorms(k):
     m.eval()
     for j, bn in enumerate(bns):
         bn.eval()
-        m.u = torch.eye(k)[j]
+        rm.set_mask(m, torch.eye(k)[j])
         x = torch.randn(3, 5, 4, 4)
         torch.testing.assert_close(m(x), bn(x), rtol=1e-5, atol=1e-6)
 
@@ -130,7 +130,7 @@ def test_robmask_mask_mixes_gamma_beta_and_statistics():
     m = rm.MaskedBatchNorm2d(4, 2)
     with torch.no_grad():
         m.W.uniform_(0.5, 2), m.Wp.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
-    m.u = rm.encode(p, 2)
+    rm.set_mask(m, rm.encode(p, 2))
     assert m.u.tolist() == pytest.approx([1 - p, p])
     x = torch.randn(16, 4, 3, 3) * 3 + 2
     before_mean = m.running_mean.clone()
@@ -180,7 +180,7 @@ def test_two_branches_one_backward_equals_sum_of_separate_backwards():
     x1, x2, y = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     u1, u2 = rm.encode(0, 2), rm.encode(0.3, 2)
     twin = copy.deepcopy(net)
-    rm.BranchLoss(net)([x1, x2], [u1, u2], y).backward()
+    rm.BranchLoss(net)([x1, x2], [u1, u2], [False, True], y).backward()
     for x, u in ((x1, u1), (x2, u2)):
         rm.set_mask(twin, u)
         F.cross_entropy(twin(x), y).backward()
@@ -788,7 +788,7 @@ def test_matplotlib_and_autoattack_are_imported_only_where_used():
 # ---------------------------------------------------------------------------------------------
 # run_all.sh and report
 # ---------------------------------------------------------------------------------------------
-STAGES = "table1 fig1 fig4 table2 table3 table4 table5 table6 table7 table8 fig3 timing".split()
+STAGES = "table1 fig1 fig4 table2 table3 table4 table5 table6 table7 table8 fig3 timing stats".split()
 
 
 def run_all(*args, env=None, timeout=600):
@@ -819,6 +819,11 @@ def test_run_all_dry_run_lists_a_parsing_command_for_every_stage(tmp_path, scale
     assert any("torch.distributed.run" in line and "imagenet" in line for line in commands["table4"])
     assert any("--eps-max 10/255" in line for line in commands["table6"])
     assert sum("train" in line for line in commands["table3"]) == 36  # 2 datasets x 3 archs x 3 methods x 2 lengths
+    study = [line for line in commands["stats"] if " train " in line]
+    assert len(study) == 15  # bn, advprop, robmask x {mixed, split, shared}, 3 seeds each
+    for mode in ("mixed", "split", "shared"):
+        assert sum(f"--method robmask --bn-stats {mode}" in line for line in study) == 3
+    assert sum("--recalibrate" in line for line in commands["stats"]) == 9  # mixed: 3 evals x 3 seeds
 
 
 def test_run_all_rejects_an_unknown_stage(tmp_path):
