@@ -1778,11 +1778,14 @@ def cmd_report(args):
         out.extend([f"## Table {n}: {title}", "", f"*Paper's claim:* {CLAIMS[n]}", "", body, ""])
 
     base = "cifar10-resnet18"
-    t1 = [("standard", f"{base}-bn-long"), ("standard + BN fine-tuned on PGD (γ,β)", f"{base}-bn-long-ft-adv-affine"),
-          ("adversarial", f"{base}-adv-long"), ("adversarial + BN fine-tuned clean (γ,β)", f"{base}-adv-long-ft-clean-affine"),
-          ("adversarial + γ only fine-tuned clean", f"{base}-adv-long-ft-clean-gamma"),
-          ("adversarial + β only fine-tuned clean", f"{base}-adv-long-ft-clean-beta"),
-          ("adversarial + running stats re-estimated clean", f"{base}-adv-long-ft-clean-stats")]
+    t1 = [("standard", f"{base}-bn-long"),
+          ("standard + BN fine-tuned on PGD (γ,β; μ,σ² re-estimated)", f"{base}-bn-long-ft-adv-affine"),
+          ("adversarial", f"{base}-adv-long"),
+          ("adversarial + BN fine-tuned clean (γ,β; μ,σ² re-estimated)", f"{base}-adv-long-ft-clean-affine"),
+          ("adversarial + γ fine-tuned clean (μ,σ² re-estimated)", f"{base}-adv-long-ft-clean-gamma"),
+          ("adversarial + γ fine-tuned clean (μ,σ² frozen)", f"{base}-adv-long-ft-clean-gamma-frozen"),
+          ("adversarial + β fine-tuned clean (μ,σ² re-estimated)", f"{base}-adv-long-ft-clean-beta"),
+          ("adversarial + μ,σ² re-estimated clean (no gradient step)", f"{base}-adv-long-ft-clean-stats")]
     section(1, f"ResNet-18 on CIFAR-10, BN fine-tuning ({R.attack('eval.json', 'PGD')} at ε=8/255, mask clean)", table(
         ["model", "clean", "PGD 8/255"],
         [(label, R.eval_acc(name, "eval.json", 0.0), R.eval_acc(name, "eval.json", eps8)) for label, name in t1]))

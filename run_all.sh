@@ -5,16 +5,18 @@
 #                   [--data DIR] [--data100 DIR] [--imagenet DIR] [--nproc N] [--runs DIR]
 #
 # Stages, in the paper's order:
-#   table1  ResNet-18 CIFAR-10: standard, adversarial, and BN-only fine-tuning (affine, γ, β, stats)
+#   table1  ResNet-18 CIFAR-10: standard, adversarial, and BN-only fine-tuning (affine, γ, β, stats; γ with the
+#           statistics frozen)
 #   fig1    BN parameters of the first BN layer: adversarial model vs its clean-fine-tuned copy
 #   fig4    feature maps after the first BN+ReLU for the same pair
 #   table2  the two-checkpoint trade-off sweep, p = 0, 0.1, ..., 1
 #   table3  CIFAR-10/100 x {preactresnet18, resnext29, densenet121} x {bn, advprop, robmask} x {20, 100 epochs}
+#           (the paper names "Preact ResNet", "ResNeXt" and DenseNet: PreActResNet-18 and ResNeXt-29 2x64d are our guesses)
 #   table4  ImageNet ResNet-18, 105 epochs, {bn, advprop, robmask}, through torchrun
 #   table5  PGD-100 accuracy at ε = 0..8/255 for {adv, advprop, robmask}, ResNet-18 CIFAR-10
 #   table6  AutoAttack on the same sweep, plus RobMask with ε_max = 10/255
 #   table7  DenseNet-121 CIFAR-10: advprop, advprop-random, advprop-multi, robmask
-#   table8  RobMask over three seeds (PreActResNet-18, CIFAR-10)
+#   table8  RobMask over three seeds (PreActResNet-18, CIFAR-10; the architecture is our guess)
 #   fig3    training curves, RobMask vs AdvProp, DenseNet-121
 #   timing  seconds per epoch, AdvProp vs RobMask (DenseNet-121)
 #   stats   the --bn-stats study (not in the paper): bn, advprop and robmask under each of mixed, split and
@@ -78,7 +80,7 @@ if ((QUICK)); then
   read -r -a R18 <<< "${R18:---width 16 --subset 10000 --test-n 1000}"
   read -r -a SMALL <<< "${SMALL:---width 8 --subset 2000 --test-n 500}"
   R18_EPOCHS=${R18_EPOCHS:-8} LONG=${LONG:-4} SHORT=${SHORT:-2} FT_EPOCHS=2
-  EVAL=(--n 500) T1_EVAL=(--n 1000) PGD_STEPS=10 TRADE=(--steps 10 --n 1000)
+  EVAL=(--n 500) T1_EVAL=(--n 1000) PGD_STEPS=10
   AA=(--aa-version custom --aa-attacks apgd-ce --n 100) AA_SWEEP=0,4/255,8/255
   IMNET=(--image-size 64 --subset 2000 --test-n 500 --epochs 1 --batch-size 64)
   # the stats study: 15 runs in about 100 minutes on 2 cores (measured: 223 img/s for a two-branch step)
@@ -87,7 +89,7 @@ if ((QUICK)); then
 else
   RUNS=${RUNS:-runs/full}
   R18=() SMALL=() R18_EPOCHS=100 LONG=100 SHORT=20 FT_EPOCHS=5
-  EVAL=() T1_EVAL=() PGD_STEPS=100 TRADE=(--steps 20)
+  EVAL=() T1_EVAL=() PGD_STEPS=100
   AA=(--aa-version standard --n 1000) AA_SWEEP=$SWEEP
   IMNET=(--epochs 105 --batch-size 256)
   STATS=() STATS_EPOCHS=100 RECAL=10000
@@ -120,9 +122,9 @@ train() {  # train NAME ARGS...: the run RUNS/NAME, skipped when complete and re
   local name=$1; shift
   run "$PY" robmask.py train "$@" "${FAST[@]}" --out "$RUNS/$name" --resume
 }
-ft() {  # ft SOURCE ON PARAMS: finetune-bn of RUNS/SOURCE-s0 into RUNS/SOURCE-ft-ON-PARAMS-s0
+ft() {  # ft SOURCE ON PARAMS [--freeze-stats]: finetune-bn of RUNS/SOURCE-s0 into RUNS/SOURCE-ft-ON-PARAMS[-frozen]-s0
   run "$PY" robmask.py finetune-bn "$RUNS/$1-s0/checkpoint.pt" --on "$2" --params "$3" --epochs "$FT_EPOCHS" "${FAST[@]}" \
-    --out "$RUNS/$1-ft-$2-$3-s0" --resume
+    "${@:4}" --out "$RUNS/$1-ft-$2-$3${4:+-frozen}-s0" --resume
 }
 ck() { echo "$RUNS/$1-s0/checkpoint.pt"; }
 
@@ -132,11 +134,12 @@ table1_models() {
   r18 bn bn && r18 adv adv
   ft "$B-bn-long" adv affine
   for p in affine gamma beta stats; do ft "$B-adv-long" clean "$p"; done
+  ft "$B-adv-long" clean gamma --freeze-stats  # γ alone, the running statistics left exactly as they were
 }
 stage_table1() {
   have "$DATA" CIFAR-10 || return 0
   table1_models
-  for r in bn-long bn-long-ft-adv-affine adv-long adv-long-ft-clean-{affine,gamma,beta,stats}; do
+  for r in bn-long bn-long-ft-adv-affine adv-long adv-long-ft-clean-{affine,gamma,gamma-frozen,beta,stats}; do
     once "$RUNS/$B-$r-s0/eval.json" "$PY" robmask.py eval "$(ck "$B-$r")" --attack pgd --eps 0,8/255 \
       --steps "$PGD_STEPS" --mask clean "${T1_EVAL[@]}" --out "$RUNS/$B-$r-s0/eval.json"
   done
@@ -157,7 +160,7 @@ stage_table2() {
   have "$DATA" CIFAR-10 || return 0
   table1_models
   once "$RUNS/table2-tradeoff.json" "$PY" robmask.py tradeoff "$(ck "$B-adv-long")" "$(ck "$B-adv-long-ft-clean-affine")" \
-    --p 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --eps 8/255 "${TRADE[@]}" --out "$RUNS/table2-tradeoff.json"
+    --p 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --eps 8/255 --steps "$PGD_STEPS" "${T1_EVAL[@]}" --out "$RUNS/table2-tradeoff.json"
   once "$FIG/table2-tradeoff.png" "$PY" robmask.py plot tradeoff "$RUNS/table2-tradeoff.json" --out "$FIG/table2-tradeoff.png"
 }
 small() {  # small DATASET ARCH METHOD LENGTH [SEED] [EXTRA...]: the table3/7/8 model size

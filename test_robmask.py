@@ -2,6 +2,7 @@
 
 Every test makes its own tiny data (synthetic tensors, a few image files in tmp_path); none needs a
 download or ../shared. Prefer exact checks: equivalences, invariants and known answers."""
+import argparse
 import copy
 import json
 import os
@@ -375,13 +376,123 @@ def test_every_method_trains_one_epoch(tmp_path, method):
     assert sum(key.endswith(".W") for key in ck["model"]) > 0 and ck["model"]["1.1.bn1.W"].shape[0] == k
 
 
-def test_advprop_is_robmask_with_k2_and_p_frozen_at_1(tmp_path):
-    a = state(train(str(tmp_path / "advprop"), "--method", "advprop", epochs=2))
-    b = state(train(str(tmp_path / "robmask"), "--method", "robmask", "--k", "2", "--fix-p", "1", epochs=2))
-    c = state(train(str(tmp_path / "robmask-random"), "--method", "robmask", epochs=2))
+@pytest.mark.parametrize("bn_stats", [None, "mixed", "split", "shared"])  # None: the default
+def test_advprop_is_robmask_with_k2_and_p_frozen_at_1(tmp_path, bn_stats):
+    mode = [] if bn_stats is None else ["--bn-stats", bn_stats]
+    a = state(train(str(tmp_path / "advprop"), "--method", "advprop", *mode, epochs=2))
+    b = state(train(str(tmp_path / "robmask"), "--method", "robmask", "--k", "2", "--fix-p", "1", *mode, epochs=2))
+    c = state(train(str(tmp_path / "robmask-random"), "--method", "robmask", *mode, epochs=2))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # a drawn p is a different method
+    rows = 1 if bn_stats == "shared" else 2
+    assert a["1.1.bn1.running_mean"].shape[0] == rows
+
+
+def bn_stats_step(mode, seed=0):
+    """One RobMask training step (p=0.5) under --bn-stats mode, on a fresh model: (model before, after, x, y)."""
+    torch.manual_seed(seed)
+    net = rm.build_model("preactresnet18", 10, 2, 8, "synthetic", mode)
+    before = copy.deepcopy(net)
+    args = argparse.Namespace(method="robmask", k=2, robmask_adv_only=False, eps_max=8 / 255, attack_steps=2,
+                              attack_bn="eval", fix_p=None)
+    x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 10
+    net.train()
+    rm.train_step(net, rm.BranchLoss(net), torch.optim.SGD(net.parameters(), lr=0.0), x, y, 0.5, args)
+    return before, net, x, y
+
+
+def first_bn_after_clean_forward(model, x, rows):
+    """The first BN layer's running statistics after a training forward of x alone, moving `rows`."""
+    model = copy.deepcopy(model).train()
+    layer = rm.masked_layers(model)[0]
+    rm.set_mask(model, rm.encode(0, 2))
+    layer.stat_w = torch.tensor(rows, dtype=torch.float32)
+    model(x)
+    return layer.running_mean.clone(), layer.running_var.clone()
+
+
+def test_bn_stats_split_moves_the_clean_basis_by_the_clean_branch_alone():
+    before, after, x, _ = bn_stats_step("split")
+    first = rm.masked_layers(after)[0]
+    mean, var = first_bn_after_clean_forward(before, x, [1.0, 0.0])  # the clean batch alone, into row 0
+    assert torch.equal(first.running_mean[0], mean[0]) and torch.equal(first.running_var[0], var[0])
+    assert not torch.equal(first.running_mean[1], rm.masked_layers(before)[0].running_mean[1])  # row 1 moved
+    # under `mixed` the adversarial branch at u=[0.5, 0.5] moves row 0 as well: the flaw split removes
+    _, mixed, _, _ = bn_stats_step("mixed")
+    assert not torch.equal(rm.masked_layers(mixed)[0].running_mean[0], mean[0])
+    # the rule itself: clean -> e_0; adversarial -> u over the adversarial rows, renormalised; AdvProp's e_1 stays e_1
+    assert rm.stat_weights(rm.encode(0.3, 2), "split", False).tolist() == [1, 0]
+    assert rm.stat_weights(rm.encode(0.3, 2), "split", True).tolist() == [0, 1]
+    assert rm.stat_weights(rm.encode(0.75, 3), "split", True).tolist() == [0, 0.5, 0.5]
+    assert rm.stat_weights(torch.tensor([0.0, 1.0]), "split", True).tolist() == [0, 1]
+    assert rm.stat_weights(rm.encode(0.3, 2), "mixed", True).tolist() == rm.encode(0.3, 2).tolist()
+
+
+def test_bn_stats_shared_has_one_set_moved_by_every_branch():
+    before, after, x, _ = bn_stats_step("shared")
+    for m in rm.masked_layers(after):
+        assert m.running_mean.shape == (1, m.num_features) and m.running_var.shape == (1, m.num_features)
+        assert int(m.num_batches_tracked) == 2  # two branches, two updates of the one set
+    # evaluation uses that one set whatever u is: only γ and β depend on the mask
+    layer = rm.masked_layers(after)[0]
+    for p in (0.0, 0.3, 1.0):
+        rm.set_mask(after, rm.encode(p, 2))
+        mean, var = layer.eval_stats()
+        assert torch.equal(mean, layer.running_mean[0]) and torch.equal(var, layer.running_var[0])
+
+
+@pytest.mark.parametrize("extra", [["--robmask-adv-only"], ["--fix-p", "0"], ["--k", "3", "--fix-p", "1"]])
+def test_bn_stats_split_refuses_a_basis_without_data(capsys, extra):
+    one_line_error(capsys, cli("--check", "train", "--method", "robmask", "--bn-stats", "split", *extra),
+                   "without data")
+
+
+def test_old_checkpoints_load_as_mixed(tmp_path):
+    ckpt = train(str(tmp_path / "r"), "--method", "robmask", "--bn-stats", "mixed")
+    ck = torch.load(ckpt, weights_only=True)
+    del ck["args"]["bn_stats"]
+    torch.save(ck, ckpt)
+    model, a = rm.load_checkpoint(ckpt)
+    assert a["bn_stats"] == "mixed" and rm.masked_layers(model)[0].running_mean.shape[0] == 2
+
+
+def test_recalibration_gives_the_population_mean_and_unbiased_variance():
+    torch.manual_seed(0)
+    net = rm.build_model("preactresnet18", 10, 1, 8, "synthetic")
+    with torch.no_grad():  # give the BN layers non-trivial γ, β (the first layer's input does not depend on them)
+        for m in rm.masked_layers(net):
+            m.W.uniform_(0.5, 1.5), m.Wp.normal_()
+    x, y = torch.rand(96, 3, 32, 32) * 0.8 + 0.1, torch.arange(96) % 10
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    cal = rm.recalibrate(net, batches, rm.encode(0, 1))
+    first_input = net[1][0](net[0](x)).double()  # the first BN layer's input: conv(normalise(x)), all 96 images
+    layer = rm.masked_layers(cal)[0]
+    torch.testing.assert_close(layer.running_mean[0].double(), first_input.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var[0].double(), first_input.transpose(0, 1).flatten(1).var(1),
+                               rtol=1e-5, atol=1e-6)
+    # every layer, with the whole set as one batch: exactly what a train-mode BatchNorm with momentum 1 stores
+    cal_one = rm.recalibrate(net, [(x, y)], rm.encode(0, 1))
+    ref = copy.deepcopy(net).train()
+    for m in rm.masked_layers(ref):
+        m.momentum = 1.0
+    with torch.no_grad():
+        ref(x)
+    for a, b in zip(rm.masked_layers(cal_one), rm.masked_layers(ref)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-5)
+    # the source model is untouched
+    assert all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in rm.masked_layers(net))
+
+
+def test_eval_recalibrate_leaves_the_checkpoint_alone(tmp_path):
+    ckpt = train(str(tmp_path / "r"), "--method", "robmask")
+    digest = open(ckpt, "rb").read()
+    out = str(tmp_path / "e.json")
+    assert cli("eval", ckpt, "--attack", "pgd", "--eps", "0,8/255", "--steps", "2", "--n", "64", "--mask", "matched",
+               "--recalibrate", "64", "--out", out) == 0
+    rows = json.load(open(out))["rows"]
+    assert [r["recalibrate"] for r in rows] == [64, 64] and open(ckpt, "rb").read() == digest
 
 
 def test_loss_falls_and_the_model_learns(tmp_path):
@@ -684,18 +795,20 @@ def standard_run(tmp_path_factory):
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.mark.parametrize("params,on,moves", [
-    ("affine", "adv", ("W", "Wp")), ("gamma", "clean", ("W",)), ("beta", "clean", ("Wp",)), ("stats", "adv", ())])
-def test_finetune_bn_changes_only_the_chosen_bn_tensors(standard_run, tmp_path, params, on, moves):
+@pytest.mark.parametrize("params,on,moves,freeze", [
+    ("affine", "adv", ("W", "Wp"), False), ("gamma", "clean", ("W",), False), ("beta", "clean", ("Wp",), False),
+    ("stats", "adv", (), False), ("gamma", "clean", ("W",), True), ("affine", "adv", ("W", "Wp"), True)])
+def test_finetune_bn_changes_only_the_chosen_bn_tensors(standard_run, tmp_path, params, on, moves, freeze):
     out = str(tmp_path / params)
-    assert cli("finetune-bn", standard_run, "--on", on, "--params", params, "--epochs", "1", "--out", out) == 0
+    flags = ["--freeze-stats"] if freeze else []
+    assert cli("finetune-bn", standard_run, "--on", on, "--params", params, "--epochs", "1", *flags, "--out", out) == 0
     before, after = state(standard_run), state(os.path.join(out, "checkpoint.pt"))
     assert before.keys() == after.keys()
-    allowed = moves + STATS
+    allowed = moves + (() if freeze else STATS)  # --freeze-stats: the running statistics stay bitwise too
     for key in before:
         if not key.endswith(allowed):
             assert torch.equal(before[key], after[key]), f"{params}: {key} changed"
-    for name in moves + ("running_mean",):  # what may move does move
+    for name in moves + (() if freeze else ("running_mean",)):  # what may move does move
         assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("." + name)), name
     with open(os.path.join(out, "args.json")) as f:
         a = json.load(f)
@@ -824,6 +937,10 @@ def test_run_all_dry_run_lists_a_parsing_command_for_every_stage(tmp_path, scale
     for mode in ("mixed", "split", "shared"):
         assert sum(f"--method robmask --bn-stats {mode}" in line for line in study) == 3
     assert sum("--recalibrate" in line for line in commands["stats"]) == 9  # mixed: 3 evals x 3 seeds
+    # Table 2's slider and Table 1's evaluation use one attack, so their p=0 / p=1 rows can agree
+    steps = {shlex.split(line)[shlex.split(line).index("--steps") + 1] for stage in ("table1", "table2")
+             for line in commands[stage] if "--steps" in line}
+    assert len(steps) == 1, steps
 
 
 def test_run_all_rejects_an_unknown_stage(tmp_path):
