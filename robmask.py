@@ -40,6 +40,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import sys
 import time
 
@@ -595,6 +596,7 @@ def cifar_body(arch, width):
 
 
 ARCHS = ("preactresnet18", "resnet18", "resnext29", "densenet121")
+MIN_WIDTH, MAX_WIDTH, MAX_K = {"densenet121": 2}, 512, 16  # densenet's growth rate is width/2
 ARCH_ALIASES = {"resnext": "resnext29", "resnext29_2x64d": "resnext29", "preactresnet": "preactresnet18"}
 
 
@@ -707,21 +709,26 @@ def cifar_arrays(args):
         die(f"--data-dir {root} does not exist; point it at CIFAR (torchvision's files or train/ and test/ "
             "class folders), or create it so that torchvision can download CIFAR into it")
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        out = []
+        out, classes = [], []
         for split, n in (("train", args.subset), ("test", args.test_n)):
-            paths, labels, classes = list_image_folder(os.path.join(root, split))
+            paths, labels, c = list_image_folder(os.path.join(root, split))
+            classes.append(c)
             idx = subset_indices(labels, n)  # choose first, decode only what is used
             out += [*decode_images([paths[i] for i in idx], labels[idx])]
-        return (*out, classes)
+        check_classes(*classes, root, "test")
+        return (*out, classes[0])
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
     folder = "cifar-10-batches-py" if args.dataset == "cifar10" else "cifar-100-python"
+    created = not os.path.exists(root)
     os.makedirs(root, exist_ok=True)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             sets = [cls(root, train=t, download=True) for t in (True, False)]
     except Exception as e:  # offline, or a half-downloaded archive
+        if created and not os.listdir(root):  # leave no empty ./data behind
+            os.rmdir(root)
         die(f"could not read or download {args.dataset} in {root} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             f"offline, give --data-dir a folder holding either torchvision's {folder}/ or "
             "train/<class>/*.png|jpg and test/<class>/*.png|jpg")
@@ -731,6 +738,15 @@ def cifar_arrays(args):
         idx = subset_indices(y, n)
         out += [x[idx], y[idx]]
     return (*out, sets[0].classes)
+
+
+def check_classes(train, test, root, test_split):
+    """Labels are class indices in sorted folder order: the two splits must list exactly the same classes."""
+    if train != test:
+        only = lambda a, b: [c for c in a if c not in b][:3]  # noqa: E731
+        die(f"the class folders of {root}/train ({len(train)}) and {root}/{test_split} ({len(test)}) differ "
+            f"(only in train: {only(train, test)}, only in {test_split}: {only(test, train)}); labels would not "
+            "line up: give both splits the same class folders")
 
 
 def to_float(x_uint8, channels_last=False):
@@ -749,6 +765,7 @@ class DeviceData:
         self.x_train, self.y_train = x_train.to(device), y_train.to(device)
         self.x_test, self.y_test = x_test.to(device), y_test.to(device)
         self.classes, self.device, self.channels_last = classes, device, channels_last
+        self.image_hw = tuple(x_train.shape[-2:])
 
     def steps_per_epoch(self, batch_size):
         return len(self.y_train) // batch_size  # drop the last partial batch: equal steps on all ranks
@@ -817,6 +834,10 @@ class LoaderData:
         test_tf = wrap(T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor()]))
         self.test_set = ImageFolder(os.path.join(self.root, "val"), test_tf, loader=_safe_pil_loader)
         self.classes, self.device, self.args, self._train_set = self.test_set.classes, device, args, None
+        self.image_hw = (s, s)
+        train_dir = os.path.join(self.root, "train")
+        if os.path.isdir(train_dir):
+            check_classes(sorted(d.name for d in os.scandir(train_dir) if d.is_dir()), self.classes, self.root, "val")
 
     @property
     def train_set(self):  # built on first use: eval, tradeoff and plot need only val/
@@ -870,9 +891,33 @@ def load_data(args, device, rank=0, world=1):
 
 
 # ---- 5.3 Checkpoints -------------------------------------------------------------------------
+def check_out(path, flag="--out"):
+    """Every file robmask writes passes here first, before any expensive work: refuse to replace a folder,
+    a device, pipe or link, or a PyTorch file (a checkpoint); create a missing folder; prove it writable."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        die(f"{flag} {path} is a folder; give a file name inside it")
+    if os.path.lexists(path):
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            die(f"{flag} {path} exists and is not a regular file (a device, pipe or link); robmask replaces only "
+                "regular files: choose another name")
+        with open(path, "rb") as f:
+            if f.read(2) in (b"PK", b"\x80\x02"):  # torch.save's zip or legacy pickle: a checkpoint
+                die(f"{flag} {path} holds a PyTorch file (a checkpoint?); refusing to replace it: choose another name")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.close(os.open(os.path.join(os.path.dirname(path), f".robmask-write-test{os.getpid()}"),
+                         os.O_CREAT | os.O_WRONLY | os.O_EXCL))
+        os.remove(os.path.join(os.path.dirname(path), f".robmask-write-test{os.getpid()}"))
+    except OSError as e:
+        die(f"cannot write {flag} {path}: {e.strerror or e}")
+    return path
+
+
 def atomic_write(path, write):
     """Write to a temporary file in the same folder, flush, fsync, rename over `path`, fsync the
-    folder. A kill at any moment leaves either the old file or the new one, never half of one."""
+    folder. A kill at any moment leaves either the old file or the new one, never half of one; a
+    failed write (disk full, permissions) leaves the old file and no temporary one, and is one line."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
@@ -881,18 +926,45 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        die(f"could not write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0][:160]}; the previous "
+            "version, if any, is intact")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)
+
+
+def write_json(path, obj):  # allow_nan=False: a NaN would be a bare token that no JSON reader accepts
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    except ValueError as e:
+        die(f"refusing to write {path}: {e} (a NaN or inf result)")
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+def read_json(path, lines=False):
+    """A JSON file (or JSON lines), with one-line errors that name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror or e}")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        die(f"{path} is not valid JSON{' lines' if lines else ''} ({str(e).splitlines()[0][:80]}); was it written by robmask?")
+
+
+# The stored arguments a checkpoint must have, with their types and ranges: a forged or damaged file with
+# the right format tag still gets one line, never a traceback deep inside build_model.
+CKPT_ARGS = {"arch": (str, lambda v: v in ARCHS), "method": (str, lambda v: v in METHODS),
+             "k": (int, lambda v: 1 <= v <= MAX_K), "width": (int, lambda v: 1 <= v <= MAX_WIDTH),
+             "num_classes": (int, lambda v: v >= 1), "dataset": (str, lambda v: v in MEAN_STD),
+             "eps_max": ((int, float), lambda v: 0 <= v <= 1), "bn_stats": (str, lambda v: v in BN_STATS)}
 
 
 def read_checkpoint(path):
@@ -908,11 +980,19 @@ def read_checkpoint(path):
         die(f"{path} holds pickled code ({what.group(0) if what else 'a non-tensor object'}); refused without "
             "running it. Only weights are loaded: get the checkpoint from its source, or re-save its state_dict")
     except Exception as e:
-        die(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); re-run the "
+        die(f"{path} is truncated or corrupt ({type(e).__name__}: {(str(e) or 'no detail').splitlines()[0][:120]}); re-run the "
             "training with --resume (it restarts from the last good checkpoint) or restore a copy")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         die(f"{path} is not a robmask checkpoint (no format '{FORMAT}'); robmask only loads files it wrote")
-    ckpt["args"].setdefault("bn_stats", "mixed")  # checkpoints from before --bn-stats kept them `mixed`
+    a = ckpt.get("args")
+    if not isinstance(a, dict) or not isinstance(ckpt["model"], dict) or not all(
+            isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
+        die(f"{path} is corrupt or foreign: its args or model entry is not what robmask writes")
+    a.setdefault("bn_stats", "mixed")  # checkpoints from before --bn-stats kept them `mixed`
+    for key, (kind, ok) in CKPT_ARGS.items():
+        v = a.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool) or not ok(v):
+            die(f"{path} is corrupt or foreign: its stored {key} is {v!r}; robmask only loads files it wrote")
     return ckpt
 
 
@@ -928,6 +1008,9 @@ def load_state(model, state, path, what):
     extra = sorted(set(state) - set(own))
     if extra:
         die(f"{path} does not fit {what}: it has an extra tensor {extra[0]} (a checkpoint of another architecture?)")
+    bad = [key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        die(f"{path} holds non-finite weights (NaN or inf in {bad[0]}); use an earlier checkpoint or retrain")
     model.load_state_dict(state)
 
 
@@ -1045,19 +1128,23 @@ def check_ranks_agree(net, device):
     return all_reduce([(flat - ref).abs().max().item()], device)[0]
 
 
-RUNTIME_KEYS = ("device", "compile", "log_every", "workers", "resume", "force", "check", "data_dir")
+# May change on --resume: where things are, how fast, how loud. The run's identity is its directory's
+# contents, not the string that named it, so --out and finetune-bn's source path may differ too.
+RUNTIME_KEYS = ("device", "compile", "log_every", "workers", "resume", "force", "check", "data_dir", "out", "source")
 
 
-def prepare_out_dir(args, parser_defaults):
-    """Apply --resume/--force to --out. Returns the checkpoint to resume from, or None."""
+def prepare_out_dir(args, given):
+    """Apply --resume/--force to --out. Returns the checkpoint to resume from, or None. `given` holds the
+    flags typed on the command line: each one that contradicts the stored run is refused, even when it
+    equals the default; a flag not typed takes the stored value."""
     ck_path = os.path.join(args.out, "checkpoint.pt")
     started = os.path.exists(ck_path) or os.path.exists(os.path.join(args.out, "args.json"))
     if args.resume and os.path.exists(ck_path):
         ckpt = read_checkpoint(ck_path)
         stored = ckpt["args"]
-        for key, value in vars(args).items():  # a flag that contradicts the stored run is an error
-            if key in stored and key not in RUNTIME_KEYS and value != parser_defaults.get(key) and value != stored[key]:
-                die(f"--{key.replace('_', '-')} {value} differs from the run in {args.out} ({stored[key]}); "
+        for key in sorted(given):  # a flag that contradicts the stored run is an error
+            if key in stored and key not in RUNTIME_KEYS and getattr(args, key) != stored[key]:
+                die(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run in {args.out} ({stored[key]}); "
                     "--resume continues the stored run: drop the flag, or use a new --out")
         for key, value in stored.items():  # runtime flags may change; the rest is the stored run
             if key not in RUNTIME_KEYS or getattr(args, key, None) is None:
@@ -1070,13 +1157,57 @@ def prepare_out_dir(args, parser_defaults):
     return None
 
 
-def run_training(args, parser_defaults, init_from=None):
+def lock_run_dir(out):
+    """One writer per run directory: an exclusive flock on OUT/.lock, held while the returned file is open."""
+    import fcntl
+
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        die(f"--out {out} is in use by another robmask process (pid {f.read().strip() or '?'}); wait for it, "
+            "or use another --out")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def run_training(args, given, init_from=None):
+    """`train` and `finetune-bn` hold the run directory's lock throughout; a directory this process created
+    and that fails before its first checkpoint is removed again (only by the lock holder, never a loser)."""
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        die(f"--out {args.out} exists and is not a folder; a run directory must be a folder")
+    created, rank0 = [os.path.abspath(args.out)], int(os.environ.get("RANK", "0")) == 0
+    while not os.path.exists(os.path.dirname(created[-1])):  # the folders that makedirs is about to create
+        created.append(os.path.dirname(created[-1]))
+    created = [] if os.path.exists(args.out) else created
+    os.makedirs(args.out, exist_ok=True)
+    lock = lock_run_dir(args.out) if rank0 else None
+    try:
+        _run_training(args, given, init_from)
+    except BaseException:
+        if created and rank0 and not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+            for f in ("args.json", ".lock"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(args.out, f))
+            for d in created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_training(args, given, init_from=None):
     """The training loop shared by `train` and `finetune-bn`: DDP, AMP, compile, checkpoints, resume."""
     device, rank, world = setup_device(args)
-    if args.batch_size % world:
-        die(f"--batch-size {args.batch_size} is the global batch; it must divide among the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    ckpt = prepare_out_dir(args, parser_defaults)
+    if args.batch_size % world or args.batch_size // world < 2:
+        die(f"--batch-size {args.batch_size} is the global batch; it must divide among the {world} processes, "
+            "with at least 2 images each (BN training needs 2)")
+    ckpt = prepare_out_dir(args, given)
     if ckpt is not None and ckpt.get("complete"):
         log(f"[skip] {args.out} is complete ({ckpt['epoch']} epochs)")
         return
@@ -1084,9 +1215,17 @@ def run_training(args, parser_defaults, init_from=None):
     if args.num_classes is not None and args.num_classes != len(data.classes):
         die(f"the checkpoint has {args.num_classes} classes but the data in {args.data_dir} has "
             f"{len(data.classes)}; give the matching --data-dir")
-    args.num_classes, args.k = len(data.classes), method_k(args)
+    if getattr(args, "classes", None) and list(args.classes) != list(data.classes):
+        die(f"the class names of the data in {args.data_dir} are not the checkpoint's; give the matching --data-dir")
+    args.num_classes, args.k, args.classes = len(data.classes), method_k(args), list(data.classes)
     torch.manual_seed(args.seed)
     net = build_model(args.arch, args.num_classes, args.k, args.width, args.dataset, args.bn_stats)
+    try:  # one tiny forward now, rather than a shape error deep inside the first epoch
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, 3, *data.image_hw))
+    except RuntimeError as e:
+        die(f"images of {data.image_hw[0]}x{data.image_hw[1]} are too small for {args.arch} "
+            f"({str(e).splitlines()[0][:100]}); use larger images (--image-size) or another --arch")
     what = f"{args.arch} (k={args.k}, {args.num_classes} classes)"
     if init_from is not None:  # finetune-bn: start from the source checkpoint's weights
         load_state(net, read_checkpoint(init_from)["model"], init_from, what)
@@ -1132,6 +1271,10 @@ def run_training(args, parser_defaults, init_from=None):
         history.append(entry)
         log(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  test_acc {acc:.4f}  lr {entry['lr']:.4f}  "
             f"{rate:.0f} img/s  {seconds:.1f}s")
+        bad = next((key for key, t in net.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:  # every rank holds the same weights, so every rank stops here
+            die(f"the weights became non-finite ({bad}) in epoch {epoch + 1}; nothing was saved for it"
+                f"{', the last good checkpoint stays' if start or epoch else ''}. Lower --lr (or check the data) and start again")
         if rank == 0:
             save_run(args.out, net, opt, args_json, epoch + 1, history, complete=epoch + 1 == args.epochs)
     if args.epochs == start == 0 and rank == 0:
@@ -1144,18 +1287,21 @@ def save_run(out, net, opt, args_json, epoch, history, complete):
     ckpt = dict(format=FORMAT, model=net.state_dict(), args=args_json, epoch=epoch, log=history,
                 complete=complete, optimizer=opt.state_dict() if opt is not None else None)
     atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
-    atomic_write(os.path.join(out, "log.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in history).encode()))
+    atomic_write(os.path.join(out, "log.jsonl"),
+                 lambda f: f.write("".join(json.dumps(e, allow_nan=False) + "\n" for e in history).encode()))
 
 
-def cmd_train(args, parser_defaults):
-    args.num_classes = args.bn_params = args.finetune_on = None  # set by the data, and by finetune-bn
-    run_training(args, parser_defaults)
+def cmd_train(args, given):
+    args.num_classes = args.classes = args.bn_params = args.finetune_on = None  # set by the data, and by finetune-bn
+    run_training(args, given)
 
 
-def cmd_finetune_bn(args, parser_defaults):
+def cmd_finetune_bn(args, given):
     """§3.1 / Table 1: fine-tune only BN of a trained k=1 model, on clean images or on PGD examples."""
     src = read_checkpoint(args.ckpt)
     a = dict(src["args"])
+    if args.data_dir and a["dataset"] == "synthetic":
+        die(f"--data-dir is not used: {args.ckpt} was trained on the built-in synthetic data; drop it")
     if a["k"] != 1:
         die(f"finetune-bn works on single-BN (k=1) checkpoints such as bn or adv runs; {args.ckpt} has k={a['k']}")
     if args.freeze_stats and args.params == "stats":
@@ -1165,7 +1311,8 @@ def cmd_finetune_bn(args, parser_defaults):
     a.update(method="bn" if args.on == "clean" else "adv", bn_params=args.params, source=os.path.abspath(args.ckpt),
              eps_max=args.eps if args.eps is not None else a["eps_max"], finetune_on=args.on)
     ft = argparse.Namespace(**a)
-    run_training(ft, parser_defaults, init_from=None if args.resume and os.path.exists(
+    given = {dict(on="method", params="bn_params", eps="eps_max").get(k, k) for k in given}
+    run_training(ft, given, init_from=None if args.resume and os.path.exists(
         os.path.join(args.out, "checkpoint.pt")) else args.ckpt)
 
 
@@ -1189,6 +1336,8 @@ def _ns(d):
 def eval_data(args, ck_args, device):
     """The test data that a checkpoint was trained on (or --data-dir / --dataset instead)."""
     a = _ns(dict(ck_args))
+    if ck_args["dataset"] == "synthetic" and getattr(args, "data_dir", None):
+        die("--data-dir is not used: the checkpoint was trained on the built-in synthetic data; drop it")
     for key in ("data_dir", "dataset"):
         if getattr(args, key, None):
             setattr(a, key, getattr(args, key))
@@ -1197,9 +1346,9 @@ def eval_data(args, ck_args, device):
     a.subset, a.test_n, a.channels_last, a.workers = getattr(args, "recalibrate", None) or 1, None, False, getattr(args, "workers", 4)
     a.image_size = ck_args.get("image_size", 224)
     data = load_data(a, device)
-    if len(data.classes) != ck_args["num_classes"]:
-        die(f"the checkpoint has {ck_args['num_classes']} classes but the data in {a.data_dir or a.dataset} has "
-            f"{len(data.classes)}; pass the --data-dir it was trained on")
+    if len(data.classes) != ck_args["num_classes"] or ck_args.get("classes", data.classes) != list(data.classes):
+        die(f"the checkpoint's {ck_args['num_classes']} classes are not the {len(data.classes)} class folders of "
+            f"{a.data_dir or a.dataset} (names or number differ); pass the --data-dir it was trained on")
     return data
 
 
@@ -1256,7 +1405,7 @@ def recalibrated(model, ck, args, data, cache, u, eps_r):
         t0 = time.time()
         b = math.ceil(args.recalibrate / math.ceil(args.recalibrate / args.batch_size))  # equal batches, ≤ N in all
         batches = data.train_batches(0, b, args.seed)
-        cache[key] = recalibrate(model, batches, u, eps_r, ck["attack_steps"])
+        cache[key] = recalibrate(model, batches, u, eps_r, ck.get("attack_steps", 7))
         log(f"  recalibrated BN statistics at u={[round(v, 3) for v in u.tolist()]} on {args.recalibrate} training "
             f"images ({f'PGD at {eps_r * 255:.2f}/255' if eps_r else 'clean'}, {time.time() - t0:.1f}s)")
     return cache[key]
@@ -1288,6 +1437,7 @@ def autoattack_accuracy(model, data, u, eps, args, device):
 
 
 def cmd_eval(args):
+    args.out = args.out and check_out(args.out)
     device, _, _ = setup_device(args)
     model, ck = load_checkpoint(args.ckpt, device)
     data = eval_data(args, ck, device)
@@ -1315,6 +1465,7 @@ def cmd_eval(args):
 
 def cmd_tradeoff(args):
     """§3.2 / Table 2: clean and PGD accuracy along u = [1-p, p]."""
+    args.out = check_out(args.out)
     device, _, _ = setup_device(args)
     if args.ckpt_b:
         model, ck = combine_checkpoints(args.ckpt, args.ckpt_b, device)
@@ -1369,6 +1520,7 @@ def _sync(device):
 def cmd_bench(args):
     from torch.utils.flop_counter import FlopCounterMode
 
+    args.out = args.out and check_out(args.out)
     device, _, _ = setup_device(args)
     amp = amp_context(args, device)
     torch.manual_seed(0)
@@ -1523,7 +1675,6 @@ def _pyplot():
 
 
 def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
     log(f"wrote {path}")
 
@@ -1571,6 +1722,9 @@ def plot_feature_maps(args):
 
     plt = _pyplot()
     models = [load_checkpoint(p) for p in (args.ckpt_a, args.ckpt_b)]
+    if any(models[0][1][key] != models[1][1][key] for key in ("arch", "width", "dataset")):
+        die(f"{args.ckpt_a} and {args.ckpt_b} differ in architecture, width or dataset; channel i of one is not "
+            "channel i of the other: compare a model with its finetune-bn copy")
     data = eval_data(args, models[0][1], torch.device("cpu"))
     seen = 0
     for xb, _ in data.test_batches(256):  # walk to image I without holding the whole test set
@@ -1607,11 +1761,17 @@ def plot_feature_maps(args):
 
 
 def read_log(run_dir):
+    """The epochs of a run's log.jsonl: a list of dicts with a numeric epoch and test_acc."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         die(f"{run_dir} has no log.jsonl; pass run directories written by `robmask.py train`")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = read_json(path, lines=True)
+    if not rows:
+        die(f"{path} has no epochs yet (an --epochs 0 run, or one stopped in its first epoch)")
+    if not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("epoch", "test_acc"))
+               for r in rows):
+        die(f"{path} is not a robmask training log (each line needs epoch and test_acc)")
+    return rows
 
 
 def plot_curves(args):
@@ -1634,8 +1794,11 @@ def plot_tradeoff(args):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIG_SIZES["tradeoff"])
     for path in args.files:
-        with open(path) as f:
-            rows = json.load(f)["rows"]
+        rows = read_json(path)
+        rows = rows.get("rows") if isinstance(rows, dict) else None
+        if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in
+                                                            ("p", "clean", "robust")) for r in rows):
+            die(f"{path} is not a `robmask.py tradeoff` result (it needs rows of p, clean, robust)")
         ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o",
                 label=os.path.basename(path))
         for r in rows:
@@ -1652,6 +1815,7 @@ PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves
 
 
 def cmd_plot(args):
+    args.out = check_out(args.out)
     PLOTS[args.kind](args)
 
 
@@ -1688,12 +1852,26 @@ class Runs:
         return sorted(os.path.join(self.root, d) for d in os.listdir(self.root)
                       if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
 
-    def json(self, path):
+    def json(self, path, lines=False):
+        """A file under the runs folder, or None when it is missing; an unreadable one is None with a warning."""
         path = os.path.join(self.root, path)
         if not os.path.isfile(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        try:
+            return read_json(path, lines)
+        except UserError as e:
+            warn(f"{e}: its cells show as not run")
+            return None
+
+    def rows(self, path, keys):
+        """The rows of a result file that carry numeric `keys` (malformed ones are skipped, with a warning)."""
+        res = self.json(path, lines=path.endswith(".jsonl"))
+        rows = res if isinstance(res, list) else res.get("rows") if isinstance(res, dict) else None
+        good = [r for r in rows or [] if isinstance(r, dict) and all(
+            isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in keys)]
+        if res is not None and len(good) < len(rows or [1]):
+            warn(f"{os.path.join(self.root, path)} has rows without {', '.join(keys)}: skipped")
+        return good
 
     def cell(self, values):
         values = [v for v in values if v is not None]
@@ -1705,15 +1883,17 @@ class Runs:
         std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
         return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})"
 
+    def log(self, d):
+        return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
+
     def final_acc(self, name):
-        return self.cell([read_log(d)[-1]["test_acc"] if read_log(d) else None for d in self.seeds(name)])
+        return self.cell([log[-1]["test_acc"] if log else None for log in map(self.log, self.seeds(name))])
 
     def per_seed(self, name, file, eps):
         """{seed: accuracy at ε} from the eval JSON `file` of every seed of run `name`."""
         out = {}
         for d in self.seeds(name):
-            res = self.json(os.path.join(os.path.basename(d), file))
-            for r in (res or {}).get("rows", []):
+            for r in self.rows(os.path.join(os.path.basename(d), file), ("eps", "accuracy")):
                 if abs(r["eps"] - eps) < 1e-9:
                     out[int(d.rsplit("-s", 1)[1])] = r["accuracy"]
         return out
@@ -1724,16 +1904,16 @@ class Runs:
     def attack(self, file, default):
         """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
         for d in sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []:
-            res = self.json(os.path.join(d, file))
-            if res and res.get("rows"):
-                row = res["rows"][-1]
-                return f"PGD-{row['steps']}" if row.get("attack") == "pgd" else f"AutoAttack ({res.get('aa', '?')})"
+            rows = self.rows(os.path.join(d, file), ("eps", "accuracy"))
+            if rows:
+                aa = (self.json(os.path.join(d, file)) or {}).get("aa", "?")
+                return f"PGD-{rows[-1].get('steps')}" if rows[-1].get("attack") == "pgd" else f"AutoAttack ({aa})"
         return default
 
     def epochs(self, name):
         for d in self.seeds(name):
-            with open(os.path.join(d, "args.json")) as f:
-                return json.load(f)["epochs"]
+            a = self.json(os.path.join(os.path.basename(d), "args.json"))
+            return a.get("epochs") if isinstance(a, dict) else None
         return None
 
 
@@ -1770,6 +1950,9 @@ def stats_section(R, out):
 
 
 def cmd_report(args):
+    if not os.path.isdir(args.runs):
+        die(f"{args.runs} is not a folder; pass the runs folder that run_all.sh wrote (e.g. runs/quick)")
+    path = check_out(args.out or os.path.join(args.runs, "RESULTS.md"))
     R, eps8 = Runs(args.runs), 8 / 255
     out = ["# Results", "", f"Built by `python robmask.py report {args.runs}` from the runs in that folder. "
            "Accuracies in %. \"not run\" marks a run that is missing; several seeds show mean ± std.", ""]
@@ -1789,10 +1972,10 @@ def cmd_report(args):
     section(1, f"ResNet-18 on CIFAR-10, BN fine-tuning ({R.attack('eval.json', 'PGD')} at ε=8/255, mask clean)", table(
         ["model", "clean", "PGD 8/255"],
         [(label, R.eval_acc(name, "eval.json", 0.0), R.eval_acc(name, "eval.json", eps8)) for label, name in t1]))
-    t2 = R.json("table2-tradeoff.json")
+    t2 = R.rows("table2-tradeoff.json", ("p", "clean", "robust"))
     section(2, "Trade-off slider between the adversarial model's BN (p=0) and its clean-fine-tuned BN (p=1)", table(
         ["p", "clean", "PGD"], [(f"{r['p']:.1f}", f"{100 * r['clean']:.2f}", f"{100 * r['robust']:.2f}")
-                               for r in t2["rows"]] if t2 else [("not run", "not run", "not run")]))
+                               for r in t2] or [("not run", "not run", "not run")]))
     rows = []
     for ds in ("cifar10", "cifar100"):
         for arch in ("preactresnet18", "resnext29", "densenet121"):
@@ -1815,8 +1998,8 @@ def cmd_report(args):
     section(8, "RobMask over seeds (PreActResNet-18, CIFAR-10)", table(["runs", "clean"], [
         (", ".join(os.path.basename(d) for d in R.seeds("cifar10-preactresnet18-robmask-long")) or "none",
          R.final_acc("cifar10-preactresnet18-robmask-long"))]))
-    secs = {m: [sum(e["seconds"] for e in read_log(d)) / len(read_log(d)) for d in R.seeds(f"cifar10-densenet121-{m}-long")]
-            for m in ("advprop", "robmask")}
+    secs = {m: [sum(e["seconds"] for e in log) / len(log) for log in map(R.log, R.seeds(f"cifar10-densenet121-{m}-long"))
+                if log] for m in ("advprop", "robmask")}
     out += ["## Timing: seconds per epoch, DenseNet-121 CIFAR-10", "",
             "*Paper's claim:* both use two forwards and one backward per step; 870 s (AdvProp) vs 890 s (RobMask).", "",
             table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
@@ -1825,7 +2008,6 @@ def cmd_report(args):
                                                       "table2-tradeoff.png", "stats-curves.png")]
     out += ["## Figures", ""] + [f"- [{f}]({p})" if os.path.isfile(os.path.join(args.runs, p)) else f"- {f}: not run"
                                  for f, p in figs]
-    path = args.out or os.path.join(args.runs, "RESULTS.md")
     atomic_write(path, lambda f: f.write(("\n".join(out) + "\n").encode()))
     log(f"wrote {path}")
 
@@ -1847,24 +2029,45 @@ def parse_eps(text):
 
 def parse_list(item):
     def parse(text):
-        return [item(t) for t in str(text).split(",") if t.strip()]
+        values = [item(t) for t in str(text).split(",") if t.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list; give at least one value, e.g. 0,8/255")
+        return values
     return parse
 
 
-def number(kind, lo, hi=None):
-    """An argparse type: an int or float in [lo, hi] (no upper bound for hi=None)."""
+def number(kind, lo, hi=math.inf):
+    """An argparse type: a finite int or float in [lo, hi]."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {'integer' if kind is int else 'number'} {text!r}")
-        if not (lo <= v and (hi is None or v <= hi)):  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}" if hi is None else f"{v} is outside [{lo}, {hi}]")
+        if not (lo <= v <= hi and math.isfinite(v)):  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}" if hi == math.inf else f"{v} is outside [{lo}, {hi}]")
         return v
     return parse
 
 
-positive_int, nonneg_int, unit_float = number(int, 1), number(int, 0), number(float, 0, 1)
+positive_int, nonneg_int, unit_float, nonneg_float = number(int, 1), number(int, 0), number(float, 0, 1), number(float, 0)
+seed_int = number(int, 0, 2**63 - 1)
+
+
+def device_name(text):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
+    return text
+
+
+def aa_names(text):
+    names = parse_list(str)(text)
+    bad = [n for n in names if n not in AA_ATTACKS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown AutoAttack attack {bad[0]!r}; choose from {', '.join(AA_ATTACKS)}")
+    return text
+
+
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
 def arch_name(text):
@@ -1892,13 +2095,13 @@ class Parser(argparse.ArgumentParser):
 
 def runtime_flags():
     p = Parser(add_help=False)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (a new run if it holds none)")
     p.add_argument("--force", action="store_true", help="overwrite a run that --out already holds")
-    p.add_argument("--log-every", type=float, default=30, help="seconds between in-epoch progress lines")
+    p.add_argument("--log-every", type=nonneg_float, default=30, help="seconds between in-epoch progress lines")
     p.add_argument("--workers", type=nonneg_int, default=8, help="DataLoader workers (ImageNet only)")
     return p
 
@@ -1910,7 +2113,7 @@ def data_flags(train=True):
         p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet", "synthetic"))
         p.add_argument("--subset", type=positive_int, help="a fixed class-balanced subset of the training set")
         p.add_argument("--test-n", type=positive_int, help="per-epoch test accuracy on a fixed balanced subset of N")
-        p.add_argument("--image-size", type=positive_int, default=224, help="ImageNet crop size")
+        p.add_argument("--image-size", type=number(int, 16, 4096), default=224, help="ImageNet crop size")
     return p
 
 
@@ -1922,7 +2125,7 @@ def make_parser():
     t = sub.add_parser("train", parents=[data_flags(), runtime_flags()], help="train a model (Algorithm 1)")
     t.add_argument("--arch", type=arch_name, default="preactresnet18", help=", ".join(ARCHS))
     t.add_argument("--method", default="robmask", help=", ".join(METHODS))
-    t.add_argument("--k", type=int, help="RobMask's number of bases (default 2)")
+    t.add_argument("--k", type=number(int, 1, MAX_K), help="RobMask's number of bases (default 2)")
     t.add_argument("--eps-max", type=parse_eps, default=8 / 255, help="ε_max (default 8/255)")
     t.add_argument("--fix-p", type=unit_float, help="freeze p instead of drawing it per mini-batch")
     t.add_argument("--robmask-adv-only", action="store_true", help="Algorithm 1 literally: no clean branch")
@@ -1931,12 +2134,12 @@ def make_parser():
     t.add_argument("--bn-stats", choices=BN_STATS, default=DEFAULT_BN_STATS,
                    help=f"how masked BN keeps running statistics (default {DEFAULT_BN_STATS}; see MaskedBatchNorm2d)")
     t.add_argument("--epochs", type=nonneg_int, default=100)
-    t.add_argument("--batch-size", type=positive_int, default=128, help="global batch size")
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--wd", type=float, default=5e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--width", type=positive_int, default=64, help="base channels (64 = the paper)")
+    t.add_argument("--batch-size", type=number(int, 2), default=128, help="global batch size")
+    t.add_argument("--lr", type=nonneg_float, default=0.1)
+    t.add_argument("--momentum", type=number(float, 0, 1), default=0.9)
+    t.add_argument("--wd", type=nonneg_float, default=5e-4)
+    t.add_argument("--seed", type=seed_int, default=0)
+    t.add_argument("--width", type=number(int, 1, MAX_WIDTH), default=64, help="base channels (64 = the paper)")
     t.add_argument("--out", help="run directory (default runs/<dataset>-<arch>-<method>)")
     t.set_defaults(func=cmd_train)
 
@@ -1948,12 +2151,12 @@ def make_parser():
                    help="BN in eval mode while γ/β train: the running statistics stay bitwise unchanged")
     f.add_argument("--eps", type=parse_eps, help="PGD ε for --on adv (default: the checkpoint's ε_max)")
     f.add_argument("--epochs", type=nonneg_int, default=2)
-    f.add_argument("--lr", type=float, default=0.1, help="for the BN parameters, cosine to 0")
-    f.add_argument("--batch-size", type=positive_int)
+    f.add_argument("--lr", type=nonneg_float, default=0.1, help="for the BN parameters, cosine to 0")
+    f.add_argument("--batch-size", type=number(int, 2))
     f.add_argument("--subset", type=positive_int)
     f.add_argument("--test-n", type=positive_int)
     f.add_argument("--data-dir")
-    f.add_argument("--seed", type=int)
+    f.add_argument("--seed", type=seed_int)
     f.add_argument("--out", required=True)
     f.set_defaults(func=cmd_finetune_bn)
 
@@ -1966,11 +2169,11 @@ def make_parser():
     e.add_argument("--n", type=positive_int, help="a fixed class-balanced subset of N test images")
     e.add_argument("--batch-size", type=positive_int, default=256)
     e.add_argument("--aa-version", choices=("standard", "custom", "plus", "rand"), default="standard")
-    e.add_argument("--aa-attacks", default="apgd-ce,apgd-t", help="with --aa-version custom")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--aa-attacks", type=aa_names, default="apgd-ce,apgd-t", help="with --aa-version custom")
+    e.add_argument("--seed", type=seed_int, default=0)
     e.add_argument("--recalibrate", type=positive_int, metavar="N", help="precise BN: re-estimate the statistics "
                    "on N training images at each mask first (the checkpoint is not changed)")
-    e.add_argument("--device")
+    e.add_argument("--device", type=device_name)
     e.add_argument("--out", help="write the rows as JSON here")
     e.set_defaults(func=cmd_eval)
 
@@ -1982,22 +2185,22 @@ def make_parser():
     o.add_argument("--steps", type=nonneg_int, default=20)
     o.add_argument("--n", type=positive_int)
     o.add_argument("--batch-size", type=positive_int, default=256)
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=seed_int, default=0)
     o.add_argument("--recalibrate", type=positive_int, metavar="N", help="precise BN on N training images per p")
-    o.add_argument("--device")
+    o.add_argument("--device", type=device_name)
     o.add_argument("--out", required=True)
     o.set_defaults(func=cmd_tradeoff)
 
     b = sub.add_parser("bench", help="time, FLOPs, MFU and memory of a training step per method")
     b.add_argument("--arch", type=arch_name, default="preactresnet18")
-    b.add_argument("--width", type=positive_int, default=16)
+    b.add_argument("--width", type=number(int, 1, MAX_WIDTH), default=16)
     b.add_argument("--batch-size", type=positive_int, default=128)
     b.add_argument("--steps", type=positive_int, default=10)
     b.add_argument("--warmup", type=nonneg_int, default=2)
     b.add_argument("--amp", action="store_true")
     b.add_argument("--channels-last", action="store_true")
     b.add_argument("--compile", action="store_true")
-    b.add_argument("--device")
+    b.add_argument("--device", type=device_name)
     b.add_argument("--out")
     b.set_defaults(func=cmd_bench)
 
@@ -2023,7 +2226,7 @@ def make_parser():
     r.add_argument("runs")
     r.add_argument("--out", help="default RUNS/RESULTS.md")
     r.set_defaults(func=cmd_report)
-    return top, t
+    return top
 
 
 def validate(args):
@@ -2033,8 +2236,10 @@ def validate(args):
             die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
         if args.k is not None and METHODS[args.method][0] is not None:
             die(f"--k is fixed to {METHODS[args.method][0]} by --method {args.method}; only robmask takes --k")
-        if args.k is not None and args.k < 1:
-            die(f"--k {args.k} must be at least 1")
+        if args.width < MIN_WIDTH.get(args.arch, 1):
+            die(f"--width {args.width} is too small for {args.arch}: it needs at least {MIN_WIDTH[args.arch]}")
+        if args.dataset == "synthetic" and args.data_dir:
+            die("--data-dir is not used with --dataset synthetic (built-in data); drop it, or pick the dataset it holds")
         if args.fix_p is not None and "p" not in METHODS[args.method][2]:
             die(f"--fix-p applies to methods that draw p (robmask, advprop-random), not {args.method}")
         if args.bn_stats == "split" and unfed_bases(args):
@@ -2045,18 +2250,33 @@ def validate(args):
         args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}")
 
 
+def given_flags(parser, argv):
+    """The options typed on the command line (not parser defaults): parse again with every default suppressed."""
+    stack, saved = [parser], []
+    while stack:
+        p = stack.pop()
+        for a in p._actions:
+            saved.append((a, a.default))
+            a.default = argparse.SUPPRESS
+            if isinstance(a, argparse._SubParsersAction):
+                stack += a.choices.values()
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, default in saved:
+            a.default = default
+
+
 def main(argv=None):
-    parser, train_parser = make_parser()
-    code = 0
+    parser = make_parser()
+    code, args = 0, None
     try:
         args = parser.parse_args(argv)
         validate(args)
         if args.check:
             print("ok: arguments are valid")
-        elif args.command == "train":
-            args.func(args, vars(train_parser.parse_args([])))
-        elif args.command == "finetune-bn":
-            args.func(args, {})
+        elif args.command in ("train", "finetune-bn"):
+            args.func(args, given_flags(parser, sys.argv[1:] if argv is None else argv))
         else:
             args.func(args)
     except UserError as e:
@@ -2065,8 +2285,13 @@ def main(argv=None):
     except SystemExit as e:  # --help
         code = e.code
     except KeyboardInterrupt:
-        print("robmask: interrupted; the last checkpoint (end of the last finished epoch) is intact: "
-              "run the same command with --resume to continue", file=sys.stderr, flush=True)
+        training = args is not None and args.command in ("train", "finetune-bn")
+        if training and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+            msg = ("the last checkpoint (end of the last finished epoch) is intact: run the same command with "
+                   "--resume to continue")
+        else:
+            msg = "nothing was saved" + (" (no epoch had finished)" if training else ": run the command again")
+        print(f"robmask: interrupted; {msg}", file=sys.stderr, flush=True)
         code = 130
     if dist.is_initialized():
         dist.destroy_process_group()

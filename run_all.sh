@@ -46,16 +46,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 QUICK=0 DRY=0 ONLY=""
+value() {  # value FLAG "$@": the flag's value, or a one-line error when it has none
+  [[ $# -ge 2 && -n $2 && $2 != --* ]] || { echo "run_all.sh: $1 needs a value (see --help)" >&2; exit 2; }
+}
 while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
     --dry-run) DRY=1 ;;
-    --only) ONLY=$2; shift ;;
-    --data) DATA=$2; shift ;;
-    --data100) DATA100=$2; shift ;;
-    --imagenet) IMAGENET=$2; shift ;;
-    --nproc) NPROC=$2; shift ;;
-    --runs) RUNS=$2; shift ;;
+    --only) value "$@"; ONLY=$2; shift ;;
+    --data) value "$@"; DATA=$2; shift ;;
+    --data100) value "$@"; DATA100=$2; shift ;;
+    --imagenet) value "$@"; IMAGENET=$2; shift ;;
+    --nproc) value "$@"; NPROC=$2; shift ;;
+    --runs) value "$@"; RUNS=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -68,6 +71,7 @@ done
 DATA=${DATA:-data/cifar10} DATA100=${DATA100:-data/cifar100} IMAGENET=${IMAGENET:-data/imagenet}
 if [[ -z ${PY:-} ]]; then [[ -x .venv/bin/python ]] && PY=.venv/bin/python || PY=python3; fi
 if [[ -z ${NPROC:-} ]]; then NPROC=$( (nvidia-smi -L 2>/dev/null || true) | wc -l); ((NPROC > 0)) || NPROC=1; fi
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: --nproc/NPROC must be a positive integer, not '$NPROC'" >&2; exit 2; }
 
 # bf16 autocast and channels_last: about 2x faster on GPUs and on CPUs with bf16 units (measured by bench)
 read -r -a FAST <<< "${FAST---amp --channels-last}"
@@ -97,8 +101,10 @@ fi
 FIG=$RUNS/figures
 STAGE=setup
 
-run() {  # print a command, then run it (not with --dry-run); stop the script if it fails
-  echo "+ $*"
+run() {  # print a command (shell-quoted: copy-paste safe), then run it (not with --dry-run); stop if it fails
+  local a line="+"
+  for a; do [[ $a =~ ^[][A-Za-z0-9_./:=,+@%-]+$ ]] && line+=" $a" || line+=" ${a@Q}"; done
+  echo "$line"
   ((DRY)) && return 0
   "$@" || { echo "run_all.sh: stage $STAGE failed: $*" >&2; exit 1; }
 }
@@ -115,9 +121,9 @@ have() {  # have DIR NAME: is the dataset there? (with --dry-run, pretend it is)
   echo "[$STAGE] skipping $2: no data at $1 ($hint)"
   return 1
 }
-data_args() { [[ $1 == synthetic ]] && echo "--dataset synthetic" || echo "--dataset $2 --data-dir $1"; }
-read -r -a C10 <<< "$(data_args "$DATA" cifar10)"
-read -r -a C100 <<< "$(data_args "$DATA100" cifar100)"
+# the data flags as arrays, so that a path with spaces or non-ASCII characters stays one argument
+if [[ $DATA == synthetic ]]; then C10=(--dataset synthetic); else C10=(--dataset cifar10 --data-dir "$DATA"); fi
+if [[ $DATA100 == synthetic ]]; then C100=(--dataset synthetic); else C100=(--dataset cifar100 --data-dir "$DATA100"); fi
 train() {  # train NAME ARGS...: the run RUNS/NAME, skipped when complete and resumed when interrupted
   local name=$1; shift
   run "$PY" robmask.py train "$@" "${FAST[@]}" --out "$RUNS/$name" --resume
@@ -248,7 +254,7 @@ stage_stats() {  # seed-major, so that an interrupted study has whole seeds
 
 start=$(date +%s)
 echo "run_all.sh: $( ((QUICK)) && echo quick || echo full ) scale, RUNS=$RUNS, DATA=$DATA, DATA100=$DATA100, IMAGENET=$IMAGENET, NPROC=$NPROC"
-mkdir -p "$RUNS" "$FIG"
+((DRY)) || mkdir -p "$RUNS" "$FIG"  # a dry run creates nothing
 for STAGE in $ALL; do
   [[ -z $ONLY || ",$ONLY," == *",$STAGE,"* ]] || continue
   echo "== stage $STAGE"

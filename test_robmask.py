@@ -591,17 +591,23 @@ def test_resume_without_flags_reads_the_stored_data_dir(tmp_path):
     assert torch.load(path, weights_only=True)["complete"]
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), OSError(13, "Permission denied"),
+                                   OSError(27, "File too large"), RuntimeError("PytorchStreamWriter failed writing file"),
+                                   KeyboardInterrupt()])
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, fault):
     path = str(tmp_path / "f.bin")
     rm.atomic_write(path, lambda f: f.write(b"good"))
 
     def crash(f):
         f.write(b"half")
-        raise RuntimeError("killed")
+        raise fault
 
-    with pytest.raises(RuntimeError):
+    expected = KeyboardInterrupt if isinstance(fault, KeyboardInterrupt) else rm.UserError
+    with pytest.raises(expected) as e:
         rm.atomic_write(path, crash)
-    assert open(path, "rb").read() == b"good" and os.listdir(tmp_path) == ["f.bin"]
+    if expected is rm.UserError:  # one line naming the file and the reason
+        assert path in str(e.value) and str(fault.args[-1]) in str(e.value) and "\n" not in str(e.value)
+    assert open(path, "rb").read() == b"good" and os.listdir(tmp_path) == ["f.bin"]  # no temp file left
 
 
 def test_nan_loss_stops_with_a_message_naming_epoch_and_step(tmp_path, capsys):
@@ -656,11 +662,25 @@ def test_truncated_foreign_and_mismatched_checkpoints(tmp_path, capsys):
     (["train", "--eps-max", "8/0"], ["invalid value '8/0'", "8/255"]),
     (["train", "--eps-max", "abc"], ["invalid value 'abc'"]),
     (["train", "--fix-p", "1.5"], ["--fix-p", "outside [0, 1]"]),
-    (["train", "--k", "0"], ["--k 0 must be at least 1"]),
+    (["train", "--k", "0"], ["--k", "outside [1, 16]"]),
     (["train", "--method", "advprop", "--k", "3"], ["--k is fixed to 2 by --method advprop"]),
     (["train", "--method", "bn", "--fix-p", "0.5"], ["--fix-p applies to methods that draw p"]),
-    (["train", "--batch-size", "0"], ["--batch-size", "at least 1"]),
-    (["train", "--batch-size=-5"], ["--batch-size", "at least 1"]),
+    (["train", "--batch-size", "0"], ["--batch-size", "at least 2"]),
+    (["train", "--batch-size=-5"], ["--batch-size", "at least 2"]),
+    (["train", "--batch-size", "1"], ["--batch-size", "at least 2"]),  # BN training needs 2 values per channel
+    # issue 10: every numeric flag is range-checked at parse time, the range in the message
+    (["train", "--lr=-0.1"], ["--lr", "at least 0"]), (["train", "--lr", "nan"], ["--lr", "nan"]),
+    (["train", "--lr", "inf"], ["--lr", "inf"]), (["train", "--momentum=-0.5"], ["--momentum", "outside [0, 1]"]),
+    (["train", "--momentum", "nan"], ["--momentum"]), (["train", "--wd=-1"], ["--wd", "at least 0"]),
+    (["train", "--seed", "99999999999999999999999"], ["--seed", "outside [0, 9223372036854775807]"]),
+    (["train", "--seed=-1"], ["--seed"]), (["finetune-bn", "c.pt", "--on", "clean", "--seed=-3"], ["--seed"]),
+    (["train", "--arch", "densenet121", "--width", "1"], ["--width 1 is too small for densenet121", "at least 2"]),
+    (["train", "--k", "100000"], ["--k", "outside [1, 16]"]), (["train", "--width", "100000"], ["--width", "outside"]),
+    (["train", "--device", "tpu"], ["unknown device 'tpu'", "cuda:N"]), (["eval", "c.pt", "--device", "tpu"], ["tpu"]),
+    (["train", "--image-size", "1"], ["--image-size", "outside [16, 4096]"]), (["train", "--log-every=-1"], ["--log-every"]),
+    (["eval", "c.pt", "--eps", ","], ["empty list"]), (["tradeoff", "c.pt", "--p", ",", "--out", "t.json"], ["empty list"]),
+    (["eval", "c.pt", "--aa-attacks", "apgd-ce,nonsense"], ["unknown AutoAttack attack 'nonsense'", "apgd-t"]),
+    (["train", "--dataset", "synthetic", "--data-dir", "somewhere"], ["--data-dir is not used"]),
     (["train", "--epochs=-1"], ["--epochs", "must be at least 0"]),
     (["train", "--dataset", "imagenet", "--arch", "preactresnet18"], ["torchvision's resnet18"]),
     (["eval", "ckpt.pt", "--mask", "often"], ["invalid mask 'often'"]),
@@ -697,7 +717,7 @@ def test_checkpoint_class_count_must_match_the_data(tmp_path, capsys):
     assert cli("train", "--data-dir", two, "--arch", "resnet18", "--width", "4", "--batch-size", "8", "--epochs", "1",
                "--method", "bn", "--out", out) == 0
     one_line_error(capsys, cli("eval", os.path.join(out, "checkpoint.pt"), "--data-dir", three, "--attack", "none"),
-                   "2 classes", "has 3")
+                   "2 classes", "3 class folders")
 
 
 def test_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
@@ -1023,3 +1043,272 @@ def test_imagenet_path_with_a_tiny_image_folder(tmp_path, capfd):
     assert args["num_classes"] == 3 and args["params"] == rm.count_params(rm.build_model("resnet18", 3, 2, 64, "imagenet"))
     model, _ = rm.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: no silent wrong result, nothing overwritten. One table-driven test per class of fault.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A finished tiny run (preactresnet18) and one of another architecture, with a tradeoff JSON."""
+    root = tmp_path_factory.mktemp("tiny")
+    a, b = train(str(root / "a"), "--method", "robmask"), train(str(root / "b"), "--method", "bn", "--arch", "resnet18")
+    assert cli("tradeoff", a, "--p", "0,1", "--steps", "1", "--n", "32", "--out", str(root / "t.json")) == 0
+    return root, a, b
+
+
+def bad_targets(tmp_path, ckpt):
+    """Output paths that must never be written: (name, path, how to see it was left alone)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    victim = str(tmp_path / "victim.pt")
+    with open(ckpt, "rb") as src, open(victim, "wb") as dst:
+        dst.write(src.read())
+    digest = open(victim, "rb").read()
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    return [("a folder", str(folder), lambda: os.path.isdir(folder) and not os.listdir(folder)),
+            ("a pipe", fifo, lambda: not os.path.isfile(fifo) and os.path.exists(fifo)),
+            ("a checkpoint", victim, lambda: open(victim, "rb").read() == digest),
+            ("a file as parent", str(plain / "out.json"), lambda: plain.read_text() == "x")]
+
+
+@pytest.mark.parametrize("writer", ["eval", "tradeoff", "bench", "plot", "report"])
+def test_every_writer_refuses_a_path_it_would_destroy(tiny_runs, tmp_path, capsys, writer):
+    root, a, _ = tiny_runs
+    argv = {"eval": ["eval", a, "--attack", "none", "--n", "32"], "tradeoff": ["tradeoff", a, "--p", "0", "--n", "32"],
+            "bench": ["bench", "--width", "8", "--batch-size", "8", "--steps", "1"], "plot": ["plot", "curves", root / "a"],
+            "report": ["report", root]}[writer]
+    for name, path, intact in bad_targets(tmp_path, a):
+        t0 = time.time()
+        code = cli(*argv, "--out", path)
+        one_line_error(capsys, code, path if name != "a file as parent" else "out.json")
+        assert intact(), name
+        assert time.time() - t0 < 10, "the output is checked before the work"  # (bench would take a minute)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f or "write-test" in f]  # no temporary file left
+    if writer in ("eval", "plot", "report"):  # a missing parent folder is created
+        assert cli(*argv, "--out", tmp_path / "new" / "deeper" / "out.file") == 0
+        assert os.path.isfile(tmp_path / "new" / "deeper" / "out.file")
+
+
+def test_a_run_directory_has_one_writer(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    holder = rm.lock_run_dir(out)  # as if another train process held it
+    one_line_error(capsys, cli("train", *TINY, "--epochs", "1", "--out", out, "--resume"), "in use", str(os.getpid()))
+    holder.close()  # released: now it trains
+    train(out, "--resume")
+    plain = tmp_path / "file"
+    plain.write_text("keep")
+    one_line_error(capsys, cli("train", *TINY, "--out", plain), "not a folder")
+    assert plain.read_text() == "keep"
+
+
+def test_non_finite_weights_are_never_saved_nor_evaluated(tmp_path, capsys, monkeypatch):
+    good = train(str(tmp_path / "good"), "--method", "bn")
+    real_epoch = rm.train_epoch
+
+    def poisoned(epoch, net, *a, **kw):  # the loss stays finite, a weight does not (what --momentum nan did)
+        result = real_epoch(epoch, net, *a, **kw)
+        with torch.no_grad():
+            net[1][0].weight[0, 0, 0, 0] = float("nan")
+        return result
+
+    monkeypatch.setattr(rm, "train_epoch", poisoned)
+    out = str(tmp_path / "nan")
+    one_line_error(capsys, cli("train", *TINY, "--epochs", "1", "--out", out), "non-finite", "1.0.weight")
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+    ck = torch.load(good, weights_only=True)
+    ck["model"]["1.0.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(ck, tmp_path / "inf.pt")
+    for argv in (["eval", tmp_path / "inf.pt", "--attack", "none"], ["tradeoff", tmp_path / "inf.pt", "--out", tmp_path / "t.json"],
+                 ["finetune-bn", tmp_path / "inf.pt", "--on", "clean", "--out", tmp_path / "ft"]):
+        one_line_error(capsys, cli(*argv), "non-finite")
+    with pytest.raises(rm.UserError):  # a NaN can never reach a JSON file as a bare token
+        rm.write_json(str(tmp_path / "x.json"), {"a": float("nan")})
+    assert not os.path.exists(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("layout", ["cifar", "imagenet"])
+@pytest.mark.parametrize("test_classes", [("cat", "cow"), ("cat",), ("cat", "dog", "emu")])
+def test_train_and_test_classes_must_match(tmp_path, capsys, layout, test_classes):
+    test_split = "test" if layout == "cifar" else "val"
+    root = write_image_folder(str(tmp_path / "d"), classes=("cat", "dog"), per_class=4, splits=("train",))
+    write_image_folder(root, classes=test_classes, per_class=4, splits=(test_split,))
+    flags = (["--dataset", "cifar10", "--width", "8"] if layout == "cifar" else
+             ["--dataset", "imagenet", "--arch", "resnet18", "--image-size", "32", "--workers", "0"])
+    code = cli("train", *flags, "--data-dir", root, "--batch-size", "4", "--epochs", "1", "--out", tmp_path / "r")
+    one_line_error(capsys, code, "class folders", "differ", test_split)
+    assert not os.path.exists(tmp_path / "r")  # nothing left behind
+
+
+@pytest.mark.parametrize("out_form", ["relative", "trailing slash", "moved"])
+def test_resume_refuses_an_explicit_contradiction_and_accepts_any_spelling_of_the_dir(tmp_path, capsys, monkeypatch, out_form):
+    monkeypatch.chdir(tmp_path)
+    real_epoch = rm.train_epoch
+
+    def stop_in_epoch_2(epoch, *a, **kw):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(epoch, *a, **kw)
+
+    monkeypatch.setattr(rm, "train_epoch", stop_in_epoch_2)
+    assert cli("train", *TINY, "--attack-steps", "2", "--method", "adv", "--epochs", "2", "--out", "run") == 130
+    monkeypatch.setattr(rm, "train_epoch", real_epoch)
+    # 7 is the parser's default: typed explicitly, it still contradicts the stored 2
+    one_line_error(capsys, cli("train", *TINY, "--attack-steps", "7", "--out", "run", "--resume"),
+                   "--attack-steps 7 differs", "(2)")
+    d = {"relative": "./run", "trailing slash": str(tmp_path / "run") + "/", "moved": "moved"}[out_form]
+    if out_form == "moved":
+        os.rename("run", "moved")
+    assert cli("train", *TINY, "--out", d, "--resume") == 0  # not typed: --attack-steps, --epochs come from the run
+    assert [e["epoch"] for e in read_log(d)] == [1, 2]
+    with open(os.path.join(d, "args.json")) as f:
+        assert json.load(f)["attack_steps"] == 2
+
+
+def test_data_dir_where_it_is_not_used_and_mismatched_feature_maps(tiny_runs, tmp_path, capsys):
+    root, a, b = tiny_runs
+    for argv in (["finetune-bn", a, "--on", "clean", "--data-dir", tmp_path, "--out", tmp_path / "ft"],
+                 ["eval", a, "--data-dir", tmp_path, "--attack", "none"]):
+        one_line_error(capsys, cli(*argv), "--data-dir is not used")
+    one_line_error(capsys, cli("plot", "feature-maps", a, b, "--out", tmp_path / "f.png"), "differ in architecture")
+    assert not os.path.exists(tmp_path / "f.png")
+    # a --data-dir with the same number of classes under other names: labels would not line up
+    other = write_image_folder(str(tmp_path / "other"), classes=[f"x{i}" for i in range(10)], per_class=2)
+    ck = train(str(tmp_path / "c10"), "--method", "bn", "--dataset", "cifar10", "--data-dir",
+               write_image_folder(str(tmp_path / "c10data"), classes=[f"c{i}" for i in range(10)], per_class=8))
+    one_line_error(capsys, cli("eval", ck, "--data-dir", other, "--attack", "none"), "names or number differ")
+
+
+def forge(src, dst, edit):
+    ck = torch.load(src, weights_only=True)
+    edit(ck)
+    torch.save(ck, dst)
+    return dst
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda ck: ck["args"].update(k="2"), "stored k is '2'"), (lambda ck: ck["args"].update(width=-8), "width is -8"),
+    (lambda ck: ck["args"].update(arch="vgg"), "arch is 'vgg'"), (lambda ck: ck["args"].update(method="trades"), "method"),
+    (lambda ck: ck["args"].pop("num_classes"), "num_classes is None"), (lambda ck: ck.update(args=[1, 2]), "args"),
+    (lambda ck: ck["model"].update({"1.0.weight": "not a tensor"}), "model entry"),
+    (lambda ck: ck["args"].update(eps_max="8/255"), "eps_max is '8/255'"), (lambda ck: ck["args"].update(k=True), "k is True"),
+    (lambda ck: ck["args"].update(bn_stats="other"), "bn_stats"), (lambda ck: ck.update(model=[]), "model entry")])
+def test_forged_checkpoints_are_refused_in_one_line(tiny_runs, tmp_path, capsys, edit, fragment):
+    _, a, _ = tiny_runs
+    bad = forge(a, tmp_path / "forged.pt", edit)
+    for argv in (["eval", bad, "--attack", "none"], ["tradeoff", bad, "--out", tmp_path / "t.json"],
+                 ["finetune-bn", bad, "--on", "clean", "--out", tmp_path / "ft"],
+                 ["plot", "bn-params", bad, bad, "--out", tmp_path / "p.png"]):
+        one_line_error(capsys, cli(*argv), "corrupt or foreign", fragment)
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "no log.jsonl"), ("", "no epochs"), ("{garbage\n", "not valid JSON"),
+                                              ("[1, 2]\n", "not a robmask training log"), (b"\xff\xfe\x00", "not valid JSON")])
+def test_plot_curves_names_the_bad_log(tmp_path, capsys, content, fragment):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "log.jsonl").write_bytes(content if isinstance(content, bytes) else content.encode())
+    one_line_error(capsys, cli("plot", "curves", run, "--out", tmp_path / "c.png"), str(run), fragment)
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "cannot read"), ("garbage", "not valid JSON"), ("{}", "not a `robmask.py tradeoff`"),
+                                              ("[1]", "not a `robmask.py tradeoff`"), ('{"rows": [{"p": "x"}]}', "not a")])
+def test_plot_tradeoff_names_the_bad_file(tmp_path, capsys, content, fragment):
+    f = tmp_path / "t.json"
+    if content is not None:
+        f.write_text(content)
+    one_line_error(capsys, cli("plot", "tradeoff", f, "--out", tmp_path / "c.png"), str(f), fragment)
+
+
+def test_epochs_0_log_and_report_with_unreadable_cells(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    empty = str(runs / "cifar10-preactresnet18-robmask-long-s0")
+    train(empty, epochs=0)
+    one_line_error(capsys, cli("plot", "curves", empty, "--out", tmp_path / "c.png"), "no epochs")
+    write_run(str(runs), "cifar10-preactresnet18-bn-long-s0", [0.5], evals=None)
+    with open(runs / "cifar10-preactresnet18-bn-long-s0" / "log.jsonl", "a") as f:
+        f.write("{broken\n")
+    bad_eval = runs / "cifar10-resnet18-adv-long-s0"
+    write_run(str(runs), "cifar10-resnet18-adv-long-s0", [0.4])
+    (bad_eval / "eval.json").write_text('{"rows": [{"eps": "zero"}]}')
+    (bad_eval / "args.json").unlink()
+    assert cli("report", runs) == 0
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "rows without" in err and "Traceback" not in err
+    text = (runs / "RESULTS.md").read_text()
+    assert "| cifar10 | preactresnet18 |" + " not run |" * 6 in text  # unreadable and empty logs are missing cells
+    one_line_error(capsys, cli("report", tmp_path / "nowhere"), "not a folder")
+
+
+def test_images_too_small_for_the_architecture(tmp_path, capsys):
+    root = write_image_folder(str(tmp_path / "d"), per_class=4, size=4)
+    one_line_error(capsys, cli("train", "--dataset", "cifar10", "--data-dir", root, "--arch", "densenet121", "--width", "8",
+                               "--batch-size", "4", "--epochs", "1", "--out", tmp_path / "r"), "4x4", "too small")
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_interrupts_say_what_was_kept(tmp_path, capsys, monkeypatch):
+    ck = train(str(tmp_path / "ok"))
+    real_epoch = rm.train_epoch
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    def interrupt_epoch_2(epoch, *a, **kw):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(epoch, *a, **kw)
+
+    monkeypatch.setattr(rm, "accuracy", interrupt)  # during eval: nothing to resume
+    assert cli("eval", ck, "--attack", "none") == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "nothing was saved" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(rm, "train_epoch", interrupt)  # in the first epoch of a new run: no checkpoint, no folder
+    out = tmp_path / "new"
+    assert cli("train", *TINY, "--out", out) == 130
+    err = capsys.readouterr().err
+    assert "intact" not in err and "nothing was saved" in err and not os.path.exists(out)
+    monkeypatch.setattr(rm, "train_epoch", interrupt_epoch_2)  # after the first checkpoint
+    assert cli("train", *TINY, "--epochs", "2", "--out", out) == 130
+    assert "intact" in capsys.readouterr().err and os.path.exists(out / "checkpoint.pt")
+
+
+def test_offline_default_train_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*a, **kw):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, cli("train", "--width", "8", "--epochs", "1"), "could not read or download")
+    assert os.listdir(tmp_path) == []
+
+
+FUZZ_ARGV = [["train", "--epochs"], ["train", "--width", "x"], ["train", "--nonsense"], ["eval"], ["eval", "GARBAGE"],
+             ["eval", "ZERO"], ["eval", "TEXT", "--eps", "1/0"], ["tradeoff", "GARBAGE", "--out", "o.json"],
+             ["tradeoff", "TEXT", "ZERO", "--out", "o.json"], ["finetune-bn", "GARBAGE", "--on", "clean", "--out", "ft"],
+             ["finetune-bn", "ZERO", "--on", "sideways", "--out", "ft"], ["bench", "--steps", "0"], ["bench", "--arch", "?"],
+             ["plot"], ["plot", "bn-params", "GARBAGE", "TEXT", "--out", "p.png"], ["plot", "feature-maps", "ZERO", "ZERO", "--out", "p.png"],
+             ["plot", "curves", "GARBAGE", "--out", "p.png"], ["plot", "tradeoff", "GARBAGE", "--out", "p.png"],
+             ["report", "GARBAGE"], ["report", "."], ["nonsense"], [], ["--check", "train", "--k", "-1"]]
+
+
+@pytest.mark.parametrize("argv", FUZZ_ARGV, ids=[" ".join(a) or "empty" for a in FUZZ_ARGV])
+def test_garbage_argv_and_files_end_in_one_line(tmp_path, capsys, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "GARBAGE").write_bytes(os.urandom(4096))
+    (tmp_path / "ZERO").write_bytes(b"")
+    (tmp_path / "TEXT").write_text("hello\n")
+    if argv == ["report", "."]:
+        (tmp_path / "cifar10-resnet18-adv-long-s0").mkdir()
+        (tmp_path / "cifar10-resnet18-adv-long-s0" / "log.jsonl").write_bytes(os.urandom(64))
+        assert cli(*argv) == 0 and "Traceback" not in capsys.readouterr().err
+        return
+    one_line_error(capsys, cli(*argv))
