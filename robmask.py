@@ -80,6 +80,7 @@ def warn(msg):
 # The inner max has no closed form for a deep net; PGD approximates it with m signed-gradient
 # steps of size α, each followed by a projection back onto the ε-ball (and onto [0,1], since the
 # models here take pixels in [0,1]: the dataset mean/std live inside the model, see Normalize).
+@torch.enable_grad()  # the attack needs ∂ℓ/∂x, even when called under no_grad
 def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True):
     """L∞ untargeted PGD with a uniform random start. Returns x_adv with |x_adv-x|∞ ≤ ε, in [0,1].
 
@@ -442,28 +443,47 @@ class BranchLoss(nn.Module):
         return loss
 
 
-def train_step(net, step_module, opt, x, y, p, args, amp=contextlib.nullcontext):
-    """One iteration of Algorithm 1 for any method: returns the summed loss (a 0-d tensor).
-    step_module is BranchLoss(net), or that wrapped in DistributedDataParallel."""
+def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_steps=7, attack_bn="eval", k=None,
+                args=None, amp=contextlib.nullcontext, loss_module=None):
+    """The library API: a step's summed loss of `method` on a batch, attacks included, for any model that
+    went through convert_masked_bn (k bases). Algorithm 1, lines 3-7 and the loss of lines 8-10: draw p
+    (p=None), attack each branch with its own mask u_i at ε_i = strength·ε_max, forward all branches.
+    Call .backward() and step your optimizer. `args` (an argparse namespace) replaces the keywords for the
+    CLI; `loss_module` is BranchLoss(model), possibly inside DistributedDataParallel."""
+    if args is None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        args = argparse.Namespace(method=method, k=k, fix_p=None, robmask_adv_only=False, eps_max=eps_max,
+                                  attack_steps=attack_steps, attack_bn=attack_bn)
+    if num_bases(model) != method_k(args):
+        raise ValueError(f"the model has k={num_bases(model)} bases but {args.method} needs {method_k(args)}: "
+                         f"convert_masked_bn(model, k={method_k(args)})")
+    if p is None:  # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
+        p = torch.rand(()).item() if method_draws_p(args) else args.fix_p
     xs, us, advs = [], [], []
     for strength, u in branches(args, p):
         eps_i = strength * args.eps_max  # ε_i ← p·ε_max
         if eps_i > 0:  # the clean branch (ε=0) is never attacked
-            set_mask(net, u)  # attack with the branch's own mask
-            with attack_bn_mode(net, args.attack_bn), amp():
-                x_i = pgd(net, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True))
+            set_mask(model, u)  # attack with the branch's own mask
+            with attack_bn_mode(model, args.attack_bn), amp():
+                x_i = pgd(model, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True))
         else:
             x_i = x
         xs.append(x_i)
         us.append(u)
         advs.append(eps_i > 0)
     if getattr(args, "freeze_stats", False):  # finetune-bn --freeze-stats: normalise with the running stats
-        for m in masked_layers(net):
+        for m in masked_layers(model):
             m.eval()
+    return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)
+
+
+def train_step(net, step_module, opt, x, y, p, args, amp=contextlib.nullcontext):
+    """One iteration of Algorithm 1 for any method: returns the summed loss (a 0-d tensor)."""
     if opt is None:  # finetune-bn --params stats: forward only, to re-estimate the running stats
         with torch.no_grad():
-            return step_module(xs, us, advs, y)
-    loss = step_module(xs, us, advs, y)
+            return method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module)
+    loss = method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module)
     opt.zero_grad(set_to_none=True)
     loss.backward()  # one backward for all branches: W, W' and θ updated together (lines 8-10)
     opt.step()
@@ -600,20 +620,30 @@ MIN_WIDTH, MAX_WIDTH, MAX_K = {"densenet121": 2}, 512, 16  # densenet's growth r
 ARCH_ALIASES = {"resnext": "resnext29", "resnext29_2x64d": "resnext29", "preactresnet": "preactresnet18"}
 
 
+def torchvision_archs():
+    """torchvision's classification models (resnet50, efficientnet_b0, ...): any of them, for image folders."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def build_model(arch, num_classes, k=1, width=64, dataset="cifar10", bn_stats="mixed"):
-    """The network for `arch`, with its BN layers as MaskedBatchNorm2d(k, bn_stats) and Normalize first."""
+    """The network for `arch`, with its BN layers as MaskedBatchNorm2d(k, bn_stats) and Normalize first.
+    --dataset imagenet (any image-folder data) takes torchvision's model of that name, at its own width."""
     arch = ARCH_ALIASES.get(arch, arch)
     mean, std = MEAN_STD.get(dataset, MEAN_STD["cifar10"])
     if dataset == "imagenet":
         import torchvision
 
-        if arch != "resnet18" or width != 64:
-            raise ValueError("ImageNet uses torchvision's resnet18 at width 64 (--arch resnet18 --width 64)")
-        body = torchvision.models.resnet18(num_classes=num_classes)
+        body = torchvision.models.get_model(arch, num_classes=num_classes)
     else:
         layers, c = cifar_body(arch, width)
         body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
-    return convert_masked_bn(nn.Sequential(Normalize(mean, std), body), k, bn_stats)
+    model = convert_masked_bn(nn.Sequential(Normalize(mean, std), body), k, bn_stats)
+    if not masked_layers(model):
+        die(f"{arch} has no BatchNorm2d: RobMask masks BN's rescaling (γ, β), so it needs a model with BN "
+            "(ViTs and ConvNeXts use LayerNorm)")
+    return model
 
 
 def count_params(model):
@@ -961,7 +991,7 @@ def read_json(path, lines=False):
 
 # The stored arguments a checkpoint must have, with their types and ranges: a forged or damaged file with
 # the right format tag still gets one line, never a traceback deep inside build_model.
-CKPT_ARGS = {"arch": (str, lambda v: v in ARCHS), "method": (str, lambda v: v in METHODS),
+CKPT_ARGS = {"arch": (str, lambda v: v in ARCHS or v in torchvision_archs()), "method": (str, lambda v: v in METHODS),
              "k": (int, lambda v: 1 <= v <= MAX_K), "width": (int, lambda v: 1 <= v <= MAX_WIDTH),
              "num_classes": (int, lambda v: v >= 1), "dataset": (str, lambda v: v in MEAN_STD),
              "eps_max": ((int, float), lambda v: 0 <= v <= 1), "bn_stats": (str, lambda v: v in BN_STATS)}
@@ -1491,6 +1521,48 @@ def cmd_tradeoff(args):
     result = dict(checkpoints=[c for c in (args.ckpt, args.ckpt_b) if c], rows=rows)
     write_json(args.out, result)
     return result
+
+
+# Export: with u fixed, every masked BN *is* an ordinary BN, with γ = Σ_j u_j w_j, β = Σ_j u_j w'_j and the
+# statistics that evaluation uses at u. Folding them gives a plain model that any tool can evaluate
+# (RobustBench's convention: x in [0,1] NCHW in, logits out, normalisation inside, eval mode).
+def fold_mask(model, u):
+    """The state_dict of a k=1 model that computes in eval mode exactly what `model` computes at mask u."""
+    set_mask(model, u)
+    sd = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, MaskedBatchNorm2d):
+            for key, t in zip(("W", "Wp", "running_mean", "running_var"), (m.mix(m.W), m.mix(m.Wp), *m.eval_stats())):
+                sd[f"{name}.{key}"] = t.detach()[None].clone()
+    return sd
+
+
+def cmd_export(args):
+    args.out = check_out(args.out)
+    if args.mask == "matched":
+        die("export folds one fixed mask: use --mask clean or a number p in [0, 1]")
+    model, ck = load_checkpoint(args.ckpt)
+    u = row_mask(ck, args.mask, 0.0)
+    sd = fold_mask(model, u)
+    if args.format == "robmask":  # a k=1 robmask checkpoint: eval, tradeoff, finetune-bn and plot all take it
+        a = dict(ck, k=1, method="bn", bn_stats="mixed", exported_from=os.path.abspath(args.ckpt), export_u=u.tolist())
+        ckpt = dict(format=FORMAT, model=sd, args=a, epoch=0, log=[], complete=True, optimizer=None)
+        atomic_write(args.out, lambda f: torch.save(ckpt, f))
+    else:  # torchvision.models.<arch>(num_classes=N).load_state_dict(sd, strict=True), constants in OUT.json
+        if ck["dataset"] != "imagenet":
+            die(f"--format torchvision needs a torchvision architecture (a --dataset imagenet run); {ck['arch']} is "
+                "robmask's own CIFAR model: use --format robmask")
+        names = {"W": "weight", "Wp": "bias"}
+        tv = {}
+        for key, t in sd.items():
+            head, _, leaf = key[2:].rpartition(".")  # drop the "1." of Sequential(Normalize, body)
+            tv[f"{head}.{names.get(leaf, leaf)}"] = t[0] if leaf in ("W", "Wp", "running_mean", "running_var") else t
+        meta_path = check_out(args.out + ".json")
+        atomic_write(args.out, lambda f: torch.save(tv, f))
+        mean, std = MEAN_STD[ck["dataset"]]
+        write_json(meta_path, dict(arch=ck["arch"], num_classes=ck["num_classes"], mean=mean, std=std,
+                                   classes=ck.get("classes"), u=u.tolist(), source=os.path.abspath(args.ckpt)))
+    log(f"wrote {args.out}: {ck['arch']} with the mask u={[round(v, 3) for v in u.tolist()]} folded in ({args.format})")
 
 
 # ---- 5.6 bench: time, FLOPs, MFU and memory of a training step, per method ----------------------
@@ -2123,7 +2195,8 @@ def make_parser():
     sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", parents=[data_flags(), runtime_flags()], help="train a model (Algorithm 1)")
-    t.add_argument("--arch", type=arch_name, default="preactresnet18", help=", ".join(ARCHS))
+    t.add_argument("--arch", type=lambda a: ARCH_ALIASES.get(a.lower(), a.lower()), default="preactresnet18",
+                   help=f"{', '.join(ARCHS)}; with --dataset imagenet, any torchvision model with BatchNorm2d")
     t.add_argument("--method", default="robmask", help=", ".join(METHODS))
     t.add_argument("--k", type=number(int, 1, MAX_K), help="RobMask's number of bases (default 2)")
     t.add_argument("--eps-max", type=parse_eps, default=8 / 255, help="ε_max (default 8/255)")
@@ -2139,7 +2212,7 @@ def make_parser():
     t.add_argument("--momentum", type=number(float, 0, 1), default=0.9)
     t.add_argument("--wd", type=nonneg_float, default=5e-4)
     t.add_argument("--seed", type=seed_int, default=0)
-    t.add_argument("--width", type=number(int, 1, MAX_WIDTH), default=64, help="base channels (64 = the paper)")
+    t.add_argument("--width", type=number(int, 1, MAX_WIDTH), help="base channels of a CIFAR arch (default 64, the paper)")
     t.add_argument("--out", help="run directory (default runs/<dataset>-<arch>-<method>)")
     t.set_defaults(func=cmd_train)
 
@@ -2191,6 +2264,13 @@ def make_parser():
     o.add_argument("--out", required=True)
     o.set_defaults(func=cmd_tradeoff)
 
+    x = sub.add_parser("export", help="fold a mask into a plain model (k=1 robmask checkpoint or torchvision state_dict)")
+    x.add_argument("ckpt")
+    x.add_argument("--mask", type=mask_name, default="clean", help="clean or a fixed p")
+    x.add_argument("--format", choices=("robmask", "torchvision"), default="robmask")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export)
+
     b = sub.add_parser("bench", help="time, FLOPs, MFU and memory of a training step per method")
     b.add_argument("--arch", type=arch_name, default="preactresnet18")
     b.add_argument("--width", type=number(int, 1, MAX_WIDTH), default=16)
@@ -2236,6 +2316,16 @@ def validate(args):
             die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
         if args.k is not None and METHODS[args.method][0] is not None:
             die(f"--k is fixed to {METHODS[args.method][0]} by --method {args.method}; only robmask takes --k")
+        if args.dataset == "imagenet":
+            if args.arch not in torchvision_archs():
+                die(f"unknown architecture {args.arch!r} for image folders (--dataset imagenet): use a torchvision "
+                    "classification model with BatchNorm2d, e.g. resnet18, resnet50, efficientnet_b0, mobilenet_v3_large")
+            if args.width is not None:
+                die("--width applies to the CIFAR architectures only; torchvision's models come at their own width")
+        elif args.arch not in ARCHS:
+            die(f"unknown architecture {args.arch!r}; choose from {', '.join(ARCHS)} (or 'resnext'), or use "
+                "--dataset imagenet for torchvision's models")
+        args.width = args.width or 64
         if args.width < MIN_WIDTH.get(args.arch, 1):
             die(f"--width {args.width} is too small for {args.arch}: it needs at least {MIN_WIDTH[args.arch]}")
         if args.dataset == "synthetic" and args.data_dir:
@@ -2245,8 +2335,6 @@ def validate(args):
         if args.bn_stats == "split" and unfed_bases(args):
             die(f"--bn-stats split leaves statistics row(s) {unfed_bases(args)} of --method {args.method} without "
                 "data (no branch feeds them: --robmask-adv-only or --fix-p?); use --bn-stats mixed or shared")
-        if args.dataset == "imagenet" and (args.arch != "resnet18" or args.width != 64):
-            die("--dataset imagenet uses torchvision's resnet18 at full width: pass --arch resnet18 and no --width")
         args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}")
 
 

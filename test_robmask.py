@@ -1312,3 +1312,93 @@ def test_garbage_argv_and_files_end_in_one_line(tmp_path, capsys, monkeypatch, a
         assert cli(*argv) == 0 and "Traceback" not in capsys.readouterr().err
         return
     one_line_error(capsys, cli(*argv))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 11: export a mask, any torchvision architecture, the library API
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", ["clean", "0.5", "1"])
+def test_export_folds_a_mask_exactly(tiny_runs, tmp_path, p):
+    _, src, _ = tiny_runs
+    out = str(tmp_path / "plain.pt")
+    assert cli("export", src, "--mask", p, "--out", out) == 0
+    plain, a = rm.load_checkpoint(out)
+    masked, ck = rm.load_checkpoint(src)
+    assert a["k"] == 1 and rm.num_bases(plain) == 1 and a["exported_from"] == os.path.abspath(src)
+    x = torch.rand(16, 3, 32, 32)
+    u = rm.encode(0.0 if p == "clean" else float(p), 2)
+    torch.testing.assert_close(rm.fixed_mask(plain, 0.0)(x), rm.fixed_mask(masked, u=u)(x), rtol=1e-5, atol=1e-5)
+    res = []
+    for ck_path, mask in ((src, p), (out, "clean")):
+        path = str(tmp_path / f"e{len(res)}.json")
+        assert cli("eval", ck_path, "--attack", "none", "--mask", mask, "--out", path) == 0
+        res.append(json.load(open(path))["rows"][0]["accuracy"])
+    assert res[0] == res[1]
+
+
+@pytest.fixture(scope="module")
+def torchvision_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tv")
+    data = write_image_folder(str(root / "folder"), classes=("a", "b", "c"), per_class=6, size=36, splits=("train", "val"))
+    out = str(root / "run")
+    assert cli("train", "--dataset", "imagenet", "--data-dir", data, "--arch", "mobilenet_v3_small", "--image-size", "32",
+               "--batch-size", "6", "--epochs", "1", "--workers", "0", "--method", "robmask", "--attack-steps", "1",
+               "--out", out) == 0
+    return data, os.path.join(out, "checkpoint.pt")
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b0", "mobilenet_v3_large", "regnet_y_400mf"])
+def test_torchvision_architectures_keep_their_parameter_count(arch):
+    import torchvision
+
+    ours = rm.build_model(arch, 7, 1, dataset="imagenet")
+    assert rm.count_params(ours) == sum(p.numel() for p in torchvision.models.get_model(arch, num_classes=7).parameters())
+    assert len(rm.masked_layers(ours)) > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in ours.modules())
+
+
+def test_torchvision_run_exports_a_state_dict_torchvision_loads(torchvision_run, tmp_path, capsys):
+    import torchvision
+
+    data, ck = torchvision_run
+    for p in ("clean", "0.5"):
+        out = str(tmp_path / f"tv-{p}.pt")
+        assert cli("export", ck, "--mask", p, "--format", "torchvision", "--out", out) == 0
+        meta = json.load(open(out + ".json"))
+        # the README's three lines that rebuild the normalised model
+        net = torchvision.models.get_model(meta["arch"], num_classes=meta["num_classes"])
+        net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+        model = nn.Sequential(torchvision.transforms.Normalize(meta["mean"], meta["std"]), net).eval()
+        masked, _ = rm.load_checkpoint(ck)
+        x = torch.rand(4, 3, 32, 32)
+        u = rm.encode(0.0 if p == "clean" else 0.5, 2)
+        torch.testing.assert_close(model(x), rm.fixed_mask(masked, u=u)(x), rtol=1e-5, atol=1e-5)
+    one_line_error(capsys, cli("train", "--dataset", "imagenet", "--data-dir", data, "--arch", "vit_b_16", "--image-size", "32",
+                               "--batch-size", "6", "--workers", "0", "--out", tmp_path / "vit"), "no BatchNorm2d")
+    one_line_error(capsys, cli("train", "--dataset", "imagenet", "--arch", "resnet50", "--width", "16"), "--width applies")
+    one_line_error(capsys, cli("train", "--dataset", "cifar10", "--arch", "resnet50"), "unknown architecture 'resnet50'")
+
+
+def readme_snippet(title):
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = text[text.index(title):]
+    return block[block.index("```python") + len("```python"):block.index("```", block.index("```python") + 3)]
+
+
+def test_the_readme_library_example_runs_and_learns(monkeypatch):
+    torch.manual_seed(0)
+    x_train, y_train, *_ = rm.synthetic_data()
+    x, y = x_train[:32].float() / 255, y_train[:32]
+    losses, real = [], rm.method_loss
+
+    def recording(*a, **kw):
+        losses.append(real(*a, **kw))
+        return losses[-1]
+
+    monkeypatch.setattr(rm, "method_loss", recording)
+    scope = {"loader": [(x, y)] * 6}
+    exec(readme_snippet("Use it in your own training loop"), scope)
+    assert len(losses) == 6 and losses[-1].item() < 0.5 * losses[0].item()
+    layer = rm.masked_layers(scope["model"])[0]
+    assert layer.W.grad is not None and layer.W.grad.abs().sum() > 0 and layer.Wp.grad.abs().sum() > 0
+    assert (layer.W.grad != 0).any(1).tolist() == [True, True] == (layer.Wp.grad != 0).any(1).tolist()  # both bases learn
+    assert scope["clean_model"](x).shape == (32, 10)
