@@ -682,7 +682,7 @@ def test_truncated_foreign_and_mismatched_checkpoints(tmp_path, capsys):
     (["eval", "c.pt", "--aa-attacks", "apgd-ce,nonsense"], ["unknown AutoAttack attack 'nonsense'", "apgd-t"]),
     (["train", "--dataset", "synthetic", "--data-dir", "somewhere"], ["--data-dir is not used"]),
     (["train", "--epochs=-1"], ["--epochs", "must be at least 0"]),
-    (["train", "--dataset", "imagenet", "--arch", "preactresnet18"], ["torchvision's resnet18"]),
+    (["train", "--dataset", "imagenet", "--arch", "preactresnet18"], ["for image folders", "torchvision"]),
     (["eval", "ckpt.pt", "--mask", "often"], ["invalid mask 'often'"]),
     (["eval", "ckpt.pt", "--eps", "0,9"], ["outside [0, 1]"]),
 ])
