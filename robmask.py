@@ -895,19 +895,18 @@ class LoaderData:
             sampler = torch.utils.data.DistributedSampler(self.train_set, world, rank, seed=seed, drop_last=True)
             self.train_loader = self._loader(self.train_set, batch_size // world, sampler, train=True)
         self.train_loader.sampler.set_epoch(epoch)
-        for batch in self.train_loader:
-            if batch is not None:
-                yield self._to(batch[0]), batch[1].to(self.device, non_blocking=True)
+        yield from self._on_device(self.train_loader)
 
     def test_batches(self, batch_size, n=None, rank=0, world=1):
         idx = subset_indices(self.test_set.targets, n)[rank::world].tolist()
-        for batch in self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size):
-            if batch is not None:
-                yield self._to(batch[0]), batch[1].to(self.device, non_blocking=True)
+        yield from self._on_device(self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size))
 
-    def _to(self, x):
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.args.channels_last else x
+    def _on_device(self, loader):
+        for batch in loader:
+            if batch is not None:  # None: every image of the batch was unreadable
+                x = batch[0].to(self.device, non_blocking=True)
+                x = x.contiguous(memory_format=torch.channels_last) if self.args.channels_last else x
+                yield x, batch[1].to(self.device, non_blocking=True)
 
 
 def load_data(args, device, rank=0, world=1):
@@ -1073,6 +1072,16 @@ def setup_device(args):
     if want.startswith("cuda"):  # the current device, so that synchronize() and memory stats refer to it
         torch.cuda.set_device(torch.device(want))
     return torch.device(want), rank, world
+
+
+def place(net, args, device):
+    """The model on `device`, in channels_last memory format and compiled when the flags ask for it."""
+    net.to(device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if args.compile:
+        net.compile()  # compiles forward in place; state_dict keys stay as they are
+    return net
 
 
 def amp_context(args, device):
@@ -1260,9 +1269,7 @@ def _run_training(args, given, init_from=None):
     if init_from is not None:  # finetune-bn: start from the source checkpoint's weights
         load_state(net, read_checkpoint(init_from)["model"], init_from, what)
     args.params = count_params(net)
-    net.to(device)
-    if args.channels_last:
-        net.to(memory_format=torch.channels_last)
+    place(net, args, device)
     params = trainable_parameters(net, args.bn_params)
     opt = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
            if params else None)  # paper §5: SGD, momentum 0.9, weight decay 5e-4, lr 0.1 for θ, W, W'
@@ -1273,11 +1280,9 @@ def _run_training(args, given, init_from=None):
             opt.load_state_dict(ckpt["optimizer"])
         history, start = ckpt["log"], ckpt["epoch"]
         log(f"resuming {args.out} after epoch {start}")
-    args_json = {k: v for k, v in vars(args).items() if k not in ("func", "check")}
+    args_json = {k: v for k, v in vars(args).items() if k != "check"}
     if rank == 0:
         write_json(os.path.join(args.out, "args.json"), args_json)
-    if args.compile:
-        net.compile()  # compiles forward in place; state_dict keys stay as they are
     amp = amp_context(args, device)
     step_module = BranchLoss(net, amp)
     if world > 1:
@@ -1336,7 +1341,7 @@ def cmd_finetune_bn(args, given):
         die(f"finetune-bn works on single-BN (k=1) checkpoints such as bn or adv runs; {args.ckpt} has k={a['k']}")
     if args.freeze_stats and args.params == "stats":
         die("--freeze-stats with --params stats would change nothing: drop one of them")
-    own = {k: v for k, v in vars(args).items() if k not in ("ckpt", "on", "eps", "params", "func")}
+    own = {k: v for k, v in vars(args).items() if k not in ("ckpt", "on", "eps", "params")}
     a.update({k: v for k, v in own.items() if v is not None or k not in a})
     a.update(method="bn" if args.on == "clean" else "adv", bn_params=args.params, source=os.path.abspath(args.ckpt),
              eps_max=args.eps if args.eps is not None else a["eps_max"], finetune_on=args.on)
@@ -1352,11 +1357,12 @@ def cmd_finetune_bn(args, given):
 # ε: it is how the robustness tables compare methods (AdvProp: main BN at ε=0, auxiliary BN
 # otherwise); a number P is a fixed u(P).
 def row_mask(args_ck, mask, eps):
+    """(u, the strength u stands for): --recalibrate measures at that strength (clean → 0, matched → ε)."""
     if mask == "clean":
-        return mask_for(_ns(args_ck), 0.0)
+        return mask_for(_ns(args_ck), 0.0), 0.0
     if mask == "matched":
-        return mask_for(_ns(args_ck), eps / args_ck["eps_max"] if args_ck["eps_max"] else 0.0)
-    return encode(float(mask), args_ck["k"])
+        return mask_for(_ns(args_ck), eps / args_ck["eps_max"] if args_ck["eps_max"] else 0.0), eps
+    return encode(float(mask), args_ck["k"]), float(mask) * args_ck["eps_max"]
 
 
 def _ns(d):
@@ -1364,13 +1370,12 @@ def _ns(d):
 
 
 def eval_data(args, ck_args, device):
-    """The test data that a checkpoint was trained on (or --data-dir / --dataset instead)."""
+    """The test data that a checkpoint was trained on (or in --data-dir instead)."""
     a = _ns(dict(ck_args))
     if ck_args["dataset"] == "synthetic" and getattr(args, "data_dir", None):
         die("--data-dir is not used: the checkpoint was trained on the built-in synthetic data; drop it")
-    for key in ("data_dir", "dataset"):
-        if getattr(args, key, None):
-            setattr(a, key, getattr(args, key))
+    if getattr(args, "data_dir", None):
+        a.data_dir = args.data_dir
     # the test split, and N training images for --recalibrate N (subset=1 keeps an image-folder reader
     # from decoding the rest of the training set)
     a.subset, a.test_n, a.channels_last, a.workers = getattr(args, "recalibrate", None) or 1, None, False, getattr(args, "workers", 4)
@@ -1417,13 +1422,6 @@ def recalibrate(model, batches, u, eps=0.0, steps=7):
         m.running_mean = mean.float()[None]
         m.running_var = ((s2 - s1 * mean) / (n - 1)).float()[None]
     return model.eval()
-
-
-def mask_eps(ck, mask, eps):
-    """The strength a mask stands for, whose training inputs --recalibrate uses: clean → 0, matched → ε."""
-    if mask == "clean":
-        return 0.0
-    return eps if mask == "matched" else float(mask) * ck["eps_max"]
 
 
 def recalibrated(model, ck, args, data, cache, u, eps_r):
@@ -1473,8 +1471,8 @@ def cmd_eval(args):
     data = eval_data(args, ck, device)
     rows, cache = [], {}
     for eps in (args.eps if args.attack != "none" else [0.0]):
-        u = row_mask(ck, args.mask, eps)
-        m = recalibrated(model, ck, args, data, cache, u, mask_eps(ck, args.mask, eps))
+        u, eps_r = row_mask(ck, args.mask, eps)
+        m = recalibrated(model, ck, args, data, cache, u, eps_r)
         torch.manual_seed(args.seed)  # the same PGD random starts on every call
         t0 = time.time()
         if args.attack == "autoattack":
@@ -1542,7 +1540,7 @@ def cmd_export(args):
     if args.mask == "matched":
         die("export folds one fixed mask: use --mask clean or a number p in [0, 1]")
     model, ck = load_checkpoint(args.ckpt)
-    u = row_mask(ck, args.mask, 0.0)
+    u, _ = row_mask(ck, args.mask, 0.0)
     sd = fold_mask(model, u)
     if args.format == "robmask":  # a k=1 robmask checkpoint: eval, tradeoff, finetune-bn and plot all take it
         a = dict(ck, k=1, method="bn", bn_stats="mixed", exported_from=os.path.abspath(args.ckpt), export_u=u.tolist())
@@ -1567,11 +1565,8 @@ def cmd_export(args):
 
 # ---- 5.6 bench: time, FLOPs, MFU and memory of a training step, per method ----------------------
 def _peak_rss_reset():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident set size (VmHWM) on Linux
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) on Linux
 
 
 def _peak_rss_mb():
@@ -1584,9 +1579,15 @@ def _peak_rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _timed(device, fn, reps=1):
+    """Seconds for `reps` calls of fn, the device synchronised before and after (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def cmd_bench(args):
@@ -1602,21 +1603,13 @@ def cmd_bench(args):
                       device, args.channels_last)
     batches = [b for _, b in zip(range(4), data.train_batches(0, args.batch_size, 0))]
 
-    def prepare(net):
-        net.to(device)
-        if args.channels_last:
-            net.to(memory_format=torch.channels_last)
-        if args.compile:
-            net.compile()
-        return net
-
-    def bench_args(method, fix_p=None, freeze_params=True):
-        return _ns(dict(method=method, k=2, fix_p=fix_p, robmask_adv_only=False, eps_max=8 / 255, attack_steps=7,
+    def bench_args(method, freeze_params=True):
+        return _ns(dict(method=method, k=2, fix_p=None, robmask_adv_only=False, eps_max=8 / 255, attack_steps=7,
                         attack_bn="eval", freeze_params=freeze_params))
 
     def make(method, freeze_params=True):  # a full training step of `method`
-        a = bench_args(method, freeze_params=freeze_params)
-        net = prepare(build_model(args.arch, 10, method_k(a), args.width))
+        a = bench_args(method, freeze_params)
+        net = place(build_model(args.arch, 10, method_k(a), args.width), args, device)
         opt, step_module = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), BranchLoss(net, amp)
         return lambda x, y, p: train_step(net, step_module, opt, x, y, p, a, amp)
 
@@ -1626,7 +1619,7 @@ def cmd_bench(args):
             *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)))
         if masked:
             set_mask(convert_masked_bn(net, 2), encode(0.5, 2))
-        net = prepare(net)
+        net = place(net, args, device)
 
         def step(x, y, p):
             with amp():
@@ -1652,22 +1645,17 @@ def cmd_bench(args):
                 _peak_rss_reset()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-            _sync(device)
-            t0 = time.perf_counter()
-            step(x, y, p)
-            _sync(device)
+            seconds = _timed(device, lambda: step(x, y, p))
             if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
             if r == args.warmup:
                 peak[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    # data pipeline alone: augment + float conversion of the batches of one epoch
-    _sync(device)
-    t0, count = time.perf_counter(), 0
-    for x, _ in data.train_batches(1, args.batch_size, 0):
-        count += len(x)
-    _sync(device)
-    pipeline = count / (time.perf_counter() - t0)
+
+    def one_epoch():  # the data pipeline alone: augment + float conversion of the batches of one epoch
+        for _ in data.train_batches(1, args.batch_size, 0):
+            pass
+    pipeline = data.steps_per_epoch(args.batch_size) * args.batch_size / _timed(device, one_epoch)
     # FLOPs per step, counted by torch.utils.flop_counter on two pieces: a training forward+backward, and
     # one attack step (forward + backward to the input only, parameters frozen). A method's step is one
     # training forward+backward per branch plus attack_steps attack steps per attacked branch. (The
@@ -1684,7 +1672,7 @@ def cmd_bench(args):
     for p in net.parameters():
         p.requires_grad_(False)
     attack_flops = count(lambda: F.cross_entropy(net(x.clone().requires_grad_(True)).float(), y).backward())
-    flops = {m: sum(train_flops + (7 * attack_flops if s > 0 else 0) for s, _ in branches(bench_args(m, 0.5), 0.5))
+    flops = {m: sum(train_flops + (7 * attack_flops if s > 0 else 0) for s, _ in branches(bench_args(m), 0.5))
              for m in methods}
     # The machine's dense matmul rate, measured here in the dtype that training computes in, by two paths:
     # torch.mm (BLAS) and the same n×n×n product as a 1×1 convolution (oneDNN on the CPU). On some CPUs
@@ -1692,14 +1680,8 @@ def cmd_bench(args):
     dtype, n = (torch.bfloat16 if args.amp else torch.float32), 2048
 
     def rate(fn, reps=10):
-        for _ in range(2):
-            fn()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync(device)
-        return 2 * n**3 * reps / (time.perf_counter() - t0)
+        _timed(device, fn, 2)  # warm-up
+        return 2 * n**3 * reps / _timed(device, fn, reps)
 
     a_, b_ = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     matmul_rates = dict(mm=rate(lambda: a_ @ b_), conv1x1=rate(lambda: F.conv2d(a_.view(1, n, n, 1), b_.view(n, n, 1, 1))))
@@ -1708,7 +1690,7 @@ def cmd_bench(args):
         device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
         amp=bool(args.amp), channels_last=bool(args.channels_last), compile=bool(args.compile),
         threads=torch.get_num_threads(),
-        step_seconds={m: med[m] for m in med},
+        step_seconds=med,
         img_per_s={m: args.batch_size / med[m] for m in methods},
         ratios=dict(robmask_over_advprop=med["robmask"] / med["advprop"],
                     masked_over_plain=med["fwdbwd_masked"] / med["fwdbwd_plain"],
@@ -1737,20 +1719,6 @@ FIG_DPI = 100
 FIG_SIZES = {"bn-params": (12, 3), "feature-maps": (12, 6), "curves": (6, 4), "tradeoff": (6, 4)}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path):
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
-    log(f"wrote {path}")
-
-
 def bn_tensors(model, layer):
     """(running mean, running var, γ, β) of the layer-th masked BN layer (1-based), clean basis u(0)."""
     layers = masked_layers(model)
@@ -1761,19 +1729,16 @@ def bn_tensors(model, layer):
     return [t.detach() for t in (*m.eval_stats(), m.mix(m.W), m.mix(m.Wp))]
 
 
-def plot_bn_params(args):
+def plot_bn_params(args, fig):
     """Figure 1: running mean, running var, γ and β of one BN layer, for two checkpoints."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=FIG_SIZES["bn-params"])
+    axes = fig.subplots(1, 4)
     for path, color in ((args.ckpt_a, "tab:blue"), (args.ckpt_b, "tab:orange")):
         model, _ = load_checkpoint(path)
         for ax, t, name in zip(axes, bn_tensors(model, args.layer), ("running mean μ", "running var σ²", "γ", "β")):
             ax.plot(t.numpy(), color=color, lw=1, label=os.path.basename(os.path.dirname(os.path.abspath(path))))
-            ax.set_title(name)
-            ax.set_xlabel("channel")
+            ax.set(title=name, xlabel="channel")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, args.out)
 
 
 def first_bn_relu(model, x):
@@ -1786,13 +1751,12 @@ def first_bn_relu(model, x):
     return out["a"][0]
 
 
-def plot_feature_maps(args):
+def plot_feature_maps(args, fig):
     """Figure 4: the channels after the first BN+ReLU of two models, side by side; red boxes mark
     channels blocked (all zero) in one model but not the other, green boxes channels magnified
     (mean activation more than 2x the other model's)."""
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
     models = [load_checkpoint(p) for p in (args.ckpt_a, args.ckpt_b)]
     if any(models[0][1][key] != models[1][1][key] for key in ("arch", "width", "dataset")):
         die(f"{args.ckpt_a} and {args.ckpt_b} differ in architecture, width or dataset; channel i of one is not "
@@ -1809,7 +1773,7 @@ def plot_feature_maps(args):
     acts = [first_bn_relu(fixed_mask(m, 0.0), x) for m, _ in models]
     c = acts[0].shape[0]
     side = math.ceil(math.sqrt(c))
-    fig, axes = plt.subplots(1, 2, figsize=FIG_SIZES["feature-maps"])
+    axes = fig.subplots(1, 2)
     means = [a.mean((1, 2)) for a in acts]
     for i, (ax, a) in enumerate(zip(axes, acts)):
         h, w = a.shape[1:]
@@ -1818,18 +1782,16 @@ def plot_feature_maps(args):
             r, q = divmod(ch, side)
             grid[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = a[ch] / (a.max() + 1e-12)
         ax.imshow(grid.numpy(), cmap="gray")
-        other = 1 - i
         for ch in range(c):
             r, q = divmod(ch, side)
-            blocked = a[ch].max() == 0 and acts[other][ch].max() > 0
-            magnified = means[i][ch] > 2 * means[other][ch]
+            blocked = a[ch].max() == 0 and acts[1 - i][ch].max() > 0
+            magnified = means[i][ch] > 2 * means[1 - i][ch]
             if blocked or magnified:
                 ax.add_patch(Rectangle((q * (w + 1) - 0.5, r * (h + 1) - 0.5), w, h, fill=False, lw=1.5,
                                        edgecolor="red" if blocked else "lime"))
         ax.set_title(f"{os.path.basename(os.path.dirname(os.path.abspath((args.ckpt_a, args.ckpt_b)[i])))}", fontsize=8)
         ax.axis("off")
     fig.suptitle("after the first BN+ReLU: red = blocked here only, green = magnified >2x here")
-    _save(fig, args.out)
 
 
 def read_log(run_dir):
@@ -1846,25 +1808,21 @@ def read_log(run_dir):
     return rows
 
 
-def plot_curves(args):
+def plot_curves(args, fig):
     """Figure 3: clean test accuracy per epoch, one line per run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIG_SIZES["curves"])
+    ax = fig.subplots()
     for run in args.runs:
         rows = read_log(run)
         ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker=".",
                 label=os.path.basename(os.path.normpath(run)))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("clean test accuracy (%)")
+    ax.set(xlabel="epoch", ylabel="clean test accuracy (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, args.out)
 
 
-def plot_tradeoff(args):
+def plot_tradeoff(args, fig):
     """Clean against robust accuracy along p, one line per tradeoff JSON."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=FIG_SIZES["tradeoff"])
+    ax = fig.subplots()
     for path in args.files:
         rows = read_json(path)
         rows = rows.get("rows") if isinstance(rows, dict) else None
@@ -1875,11 +1833,9 @@ def plot_tradeoff(args):
                 label=os.path.basename(path))
         for r in rows:
             ax.annotate(f"{r['p']:.1f}", (100 * r["clean"], 100 * r["robust"]), fontsize=6)
-    ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel("PGD accuracy (%)")
+    ax.set(xlabel="clean accuracy (%)", ylabel="PGD accuracy (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, args.out)
 
 
 PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves": plot_curves,
@@ -1888,7 +1844,15 @@ PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves
 
 def cmd_plot(args):
     args.out = check_out(args.out)
-    PLOTS[args.kind](args)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=FIG_SIZES[args.kind])
+    PLOTS[args.kind](args, fig)
+    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
+    log(f"wrote {args.out}")
 
 
 # ---- 5.8 report: RESULTS.md from a runs folder written by run_all.sh ---------------------------
@@ -1918,8 +1882,6 @@ class Runs:
 
     def seeds(self, name):
         """Run directories name-s0, name-s1, ... that hold a log."""
-        if not os.path.isdir(self.root):
-            return []
         pat = re.compile(re.escape(name) + r"-s\d+$")
         return sorted(os.path.join(self.root, d) for d in os.listdir(self.root)
                       if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
@@ -1927,10 +1889,8 @@ class Runs:
     def json(self, path, lines=False):
         """A file under the runs folder, or None when it is missing; an unreadable one is None with a warning."""
         path = os.path.join(self.root, path)
-        if not os.path.isfile(path):
-            return None
         try:
-            return read_json(path, lines)
+            return read_json(path, lines) if os.path.isfile(path) else None
         except UserError as e:
             warn(f"{e}: its cells show as not run")
             return None
@@ -1975,7 +1935,7 @@ class Runs:
 
     def attack(self, file, default):
         """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
-        for d in sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []:
+        for d in sorted(os.listdir(self.root)):
             rows = self.rows(os.path.join(d, file), ("eps", "accuracy"))
             if rows:
                 aa = (self.json(os.path.join(d, file)) or {}).get("aa", "?")
@@ -2165,12 +2125,14 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog.split()[-1]}: {message} (see --help)")
 
 
-def runtime_flags():
+def runtime_flags(training=True):
     p = Parser(add_help=False)
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    if not training:  # bench
+        return p
     p.add_argument("--resume", action="store_true", help="continue the run in --out (a new run if it holds none)")
     p.add_argument("--force", action="store_true", help="overwrite a run that --out already holds")
     p.add_argument("--log-every", type=nonneg_float, default=30, help="seconds between in-epoch progress lines")
@@ -2214,7 +2176,6 @@ def make_parser():
     t.add_argument("--seed", type=seed_int, default=0)
     t.add_argument("--width", type=number(int, 1, MAX_WIDTH), help="base channels of a CIFAR arch (default 64, the paper)")
     t.add_argument("--out", help="run directory (default runs/<dataset>-<arch>-<method>)")
-    t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("finetune-bn", parents=[runtime_flags()], help="§3.1: fine-tune only BN of a checkpoint")
     f.add_argument("ckpt")
@@ -2231,68 +2192,53 @@ def make_parser():
     f.add_argument("--data-dir")
     f.add_argument("--seed", type=seed_int)
     f.add_argument("--out", required=True)
-    f.set_defaults(func=cmd_finetune_bn)
 
     e = sub.add_parser("eval", parents=[data_flags(train=False)], help="accuracy under PGD or AutoAttack")
-    e.add_argument("ckpt")
+    o = sub.add_parser("tradeoff", parents=[data_flags(train=False)], help="§3.2: sweep the mask u=[1-p, p]")
+    for p in (e, o):  # a checkpoint, measured on (a fixed subset of) its test images
+        p.add_argument("ckpt")
+        p.add_argument("--n", type=positive_int, help="a fixed class-balanced subset of N test images")
+        p.add_argument("--batch-size", type=positive_int, default=256)
+        p.add_argument("--seed", type=seed_int, default=0)
+        p.add_argument("--recalibrate", type=positive_int, metavar="N", help="precise BN: re-estimate the statistics "
+                       "on N training images at each mask first (the checkpoint is not changed)")
+        p.add_argument("--device", type=device_name)
     e.add_argument("--attack", choices=("none", "pgd", "autoattack"), default="pgd")
     e.add_argument("--eps", type=parse_list(parse_eps), default=[8 / 255], help="comma list, e.g. 0,4/255,8/255")
     e.add_argument("--steps", type=nonneg_int, default=100)
     e.add_argument("--mask", type=mask_name, default="clean", help="clean, matched or a fixed p")
-    e.add_argument("--n", type=positive_int, help="a fixed class-balanced subset of N test images")
-    e.add_argument("--batch-size", type=positive_int, default=256)
     e.add_argument("--aa-version", choices=("standard", "custom", "plus", "rand"), default="standard")
     e.add_argument("--aa-attacks", type=aa_names, default="apgd-ce,apgd-t", help="with --aa-version custom")
-    e.add_argument("--seed", type=seed_int, default=0)
-    e.add_argument("--recalibrate", type=positive_int, metavar="N", help="precise BN: re-estimate the statistics "
-                   "on N training images at each mask first (the checkpoint is not changed)")
-    e.add_argument("--device", type=device_name)
     e.add_argument("--out", help="write the rows as JSON here")
-    e.set_defaults(func=cmd_eval)
 
-    o = sub.add_parser("tradeoff", parents=[data_flags(train=False)], help="§3.2: sweep the mask u=[1-p, p]")
-    o.add_argument("ckpt")
     o.add_argument("ckpt_b", nargs="?", help="a second k=1 checkpoint that differs only in BN")
     o.add_argument("--p", type=parse_list(unit_float), default=[i / 10 for i in range(11)])
     o.add_argument("--eps", type=parse_eps, default=8 / 255)
     o.add_argument("--steps", type=nonneg_int, default=20)
-    o.add_argument("--n", type=positive_int)
-    o.add_argument("--batch-size", type=positive_int, default=256)
-    o.add_argument("--seed", type=seed_int, default=0)
-    o.add_argument("--recalibrate", type=positive_int, metavar="N", help="precise BN on N training images per p")
-    o.add_argument("--device", type=device_name)
     o.add_argument("--out", required=True)
-    o.set_defaults(func=cmd_tradeoff)
 
     x = sub.add_parser("export", help="fold a mask into a plain model (k=1 robmask checkpoint or torchvision state_dict)")
     x.add_argument("ckpt")
     x.add_argument("--mask", type=mask_name, default="clean", help="clean or a fixed p")
     x.add_argument("--format", choices=("robmask", "torchvision"), default="robmask")
     x.add_argument("--out", required=True)
-    x.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("bench", help="time, FLOPs, MFU and memory of a training step per method")
+    b = sub.add_parser("bench", parents=[runtime_flags(training=False)], help="time, FLOPs, MFU and memory of a training step per method")
     b.add_argument("--arch", type=arch_name, default="preactresnet18")
     b.add_argument("--width", type=number(int, 1, MAX_WIDTH), default=16)
     b.add_argument("--batch-size", type=positive_int, default=128)
     b.add_argument("--steps", type=positive_int, default=10)
     b.add_argument("--warmup", type=nonneg_int, default=2)
-    b.add_argument("--amp", action="store_true")
-    b.add_argument("--channels-last", action="store_true")
-    b.add_argument("--compile", action="store_true")
-    b.add_argument("--device", type=device_name)
     b.add_argument("--out")
-    b.set_defaults(func=cmd_bench)
 
     pl = sub.add_parser("plot", help="Figures 1, 3, 4 and trade-off curves (PNG)")
     kinds = pl.add_subparsers(dest="kind", required=True, parser_class=Parser)
     k1 = kinds.add_parser("bn-params", help="Figure 1")
-    k1.add_argument("ckpt_a")
-    k1.add_argument("ckpt_b")
-    k1.add_argument("--layer", type=positive_int, default=1)
     k4 = kinds.add_parser("feature-maps", parents=[data_flags(train=False)], help="Figure 4")
-    k4.add_argument("ckpt_a")
-    k4.add_argument("ckpt_b")
+    for k in (k1, k4):
+        k.add_argument("ckpt_a")
+        k.add_argument("ckpt_b")
+    k1.add_argument("--layer", type=positive_int, default=1)
     k4.add_argument("--image", type=nonneg_int, default=0)
     k3 = kinds.add_parser("curves", help="Figure 3")
     k3.add_argument("runs", nargs="+")
@@ -2300,12 +2246,10 @@ def make_parser():
     kt.add_argument("files", nargs="+")
     for k in (k1, k4, k3, kt):
         k.add_argument("--out", required=True, help="PNG file")
-    pl.set_defaults(func=cmd_plot)
 
     r = sub.add_parser("report", help="RESULTS.md from a runs folder written by run_all.sh")
     r.add_argument("runs")
     r.add_argument("--out", help="default RUNS/RESULTS.md")
-    r.set_defaults(func=cmd_report)
     return top
 
 
@@ -2355,6 +2299,10 @@ def given_flags(parser, argv):
             a.default = default
 
 
+COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval, "tradeoff": cmd_tradeoff,
+            "export": cmd_export, "bench": cmd_bench, "plot": cmd_plot, "report": cmd_report}
+
+
 def main(argv=None):
     parser = make_parser()
     code, args = 0, None
@@ -2364,9 +2312,9 @@ def main(argv=None):
         if args.check:
             print("ok: arguments are valid")
         elif args.command in ("train", "finetune-bn"):
-            args.func(args, given_flags(parser, sys.argv[1:] if argv is None else argv))
+            COMMANDS[args.command](args, given_flags(parser, sys.argv[1:] if argv is None else argv))
         else:
-            args.func(args)
+            COMMANDS[args.command](args)
     except UserError as e:
         print(f"robmask: error: {e}", file=sys.stderr, flush=True)
         code = 2
