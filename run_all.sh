@@ -75,7 +75,7 @@ if [[ -z ${NPROC:-} ]]; then NPROC=$( (nvidia-smi -L 2>/dev/null || true) | wc -
 
 # bf16 autocast and channels_last: about 2x faster on GPUs and on CPUs with bf16 units (measured by bench)
 read -r -a FAST <<< "${FAST---amp --channels-last}"
-# Scale. Full: the paper's settings. Quick: the same pipeline at CPU scale (2 cores, under an hour),
+# Scale. Full: the paper's settings. Quick: the same pipeline at CPU scale (2 cores: about 45 minutes for the paper's stages, plus about 2 hours for `stats`),
 # most of the time going to table1/table2, whose effect needs an adversarial ResNet-18 of width 16
 # trained on about 10k images for 8 epochs.
 SWEEP=0,1/255,2/255,3/255,4/255,5/255,6/255,7/255,8/255
