@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import itertools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import pickle
 import re
 import stat
 import sys
+import tempfile
 import time
 
 import torch
@@ -937,9 +939,7 @@ def check_out(path, flag="--out"):
                 die(f"{flag} {path} holds a PyTorch file (a checkpoint?); refusing to replace it: choose another name")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.close(os.open(os.path.join(os.path.dirname(path), f".robmask-write-test{os.getpid()}"),
-                         os.O_CREAT | os.O_WRONLY | os.O_EXCL))
-        os.remove(os.path.join(os.path.dirname(path), f".robmask-write-test{os.getpid()}"))
+        tempfile.TemporaryFile(dir=os.path.dirname(path)).close()  # can we create a file there?
     except OSError as e:
         die(f"cannot write {flag} {path}: {e.strerror or e}")
     return path
@@ -1220,10 +1220,9 @@ def run_training(args, given, init_from=None):
     and that fails before its first checkpoint is removed again (only by the lock holder, never a loser)."""
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         die(f"--out {args.out} exists and is not a folder; a run directory must be a folder")
-    created, rank0 = [os.path.abspath(args.out)], int(os.environ.get("RANK", "0")) == 0
-    while not os.path.exists(os.path.dirname(created[-1])):  # the folders that makedirs is about to create
-        created.append(os.path.dirname(created[-1]))
-    created = [] if os.path.exists(args.out) else created
+    created, d, rank0 = [], os.path.abspath(args.out), int(os.environ.get("RANK", "0")) == 0
+    while not os.path.exists(d):  # the folders that makedirs is about to create, deepest first
+        created, d = created + [d], os.path.dirname(d)
     os.makedirs(args.out, exist_ok=True)
     lock = lock_run_dir(args.out) if rank0 else None
     try:
@@ -1764,14 +1763,9 @@ def plot_feature_maps(args, fig):
         die(f"{args.ckpt_a} and {args.ckpt_b} differ in architecture, width or dataset; channel i of one is not "
             "channel i of the other: compare a model with its finetune-bn copy")
     data = eval_data(args, models[0][1], torch.device("cpu"))
-    seen = 0
-    for xb, _ in data.test_batches(256):  # walk to image I without holding the whole test set
-        if seen + len(xb) > args.image:
-            x = xb[args.image - seen:][:1]
-            break
-        seen += len(xb)
-    else:
-        die(f"--image {args.image} is out of range: the test set has {seen} images")
+    x = next(itertools.islice(data.test_batches(1), args.image, None), (None,))[0]  # image I, one at a time
+    if x is None:
+        die(f"--image {args.image} is out of range: the test set has fewer images")
     acts = [first_bn_relu(fixed_mask(m, 0.0), x) for m, _ in models]
     c = acts[0].shape[0]
     side = math.ceil(math.sqrt(c))
