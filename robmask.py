@@ -16,7 +16,7 @@ Where the paper lives in the code (one home per symbol):
   u       MaskedBatchNorm2d.u, set for a whole model by set_mask(); computed by encode()
   γ, β    computed in MaskedBatchNorm2d.forward as Σ_j u_j w_j and Σ_j u_j w'_j
   ε_i     a branch's strength × args.eps_max, in train_step()
-  p       drawn once per mini-batch in train_epoch() (or fixed by --fix-p)
+  p       drawn once per mini-batch in method_loss() (or fixed by --fix-p), from train_epoch's generator
 
 Speed and scale (details where they are used):
   * CIFAR-sized data lives on the training device as uint8; crop+flip run there, batch by batch
@@ -448,7 +448,7 @@ class BranchLoss(nn.Module):
 
 
 def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_steps=7, attack_bn="eval", k=None,
-                args=None, amp=contextlib.nullcontext, loss_module=None):
+                args=None, amp=contextlib.nullcontext, loss_module=None, generator=None):
     """The library API: a step's summed loss of `method` on a batch, attacks included, for any model that
     went through convert_masked_bn (k bases). Algorithm 1, lines 3-7 and the loss of lines 8-10: draw p
     (p=None), attack each branch with its own mask u_i at ε_i = strength·ε_max, forward all branches.
@@ -463,7 +463,7 @@ def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_s
         raise ValueError(f"the model has k={num_bases(model)} bases but {args.method} needs {method_k(args)}: "
                          f"convert_masked_bn(model, k={method_k(args)})")
     if p is None:  # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
-        p = torch.rand(()).item() if method_draws_p(args) else args.fix_p
+        p = torch.rand((), generator=generator).item() if method_draws_p(args) else args.fix_p
     xs, us, advs = [], [], []
     for strength, u in branches(args, p):
         eps_i = strength * args.eps_max  # ε_i ← p·ε_max
@@ -482,12 +482,12 @@ def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_s
     return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)
 
 
-def train_step(net, step_module, opt, x, y, p, args, amp=contextlib.nullcontext):
+def train_step(net, step_module, opt, x, y, p, args, amp=contextlib.nullcontext, p_gen=None):
     """One iteration of Algorithm 1 for any method: returns the summed loss (a 0-d tensor)."""
     if opt is None:  # finetune-bn --params stats: forward only, to re-estimate the running stats
         with torch.no_grad():
-            return method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module)
-    loss = method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module)
+            return method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module, generator=p_gen)
+    loss = method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module, generator=p_gen)
     opt.zero_grad(set_to_none=True)
     loss.backward()  # one backward for all branches: W, W' and θ updated together (lines 8-10)
     opt.step()
@@ -1141,9 +1141,7 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
             lr = cosine_lr(epoch * steps + step, total_steps, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-        # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
-        p = torch.rand((), generator=p_gen).item() if method_draws_p(args) else args.fix_p
-        loss = train_step(net, step_module, opt, x, y, p, args, amp)
+        loss = train_step(net, step_module, opt, x, y, None, args, amp, p_gen)  # p=None: method_loss draws it
         finite = torch.isfinite(loss).float()
         if world > 1:  # if one rank sees a NaN, all stop (instead of waiting in the next collective)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
