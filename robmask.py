@@ -15,8 +15,8 @@ Where the paper lives in the code (one home per symbol):
   W, W'   MaskedBatchNorm2d.W and .Wp: k rows of γ bases and β bases
   u       MaskedBatchNorm2d.u, set for a whole model by set_mask(); computed by encode()
   γ, β    computed in MaskedBatchNorm2d.forward as Σ_j u_j w_j and Σ_j u_j w'_j
-  ε_i     a branch's strength × args.eps_max, in train_step()
-  p       drawn once per mini-batch in method_loss() (or fixed by --fix-p), from train_epoch's generator
+  ε_i     a branch's strength × args.eps_max, in _method_loss() (the library's method_loss checks and restores)
+  p       drawn once per mini-batch in _method_loss() (or fixed by --fix-p), from train_epoch's generator
 
 Speed and scale (details where they are used):
   * CIFAR-sized data lives on the training device as uint8; crop+flip run there, batch by batch
@@ -26,6 +26,9 @@ Speed and scale (details where they are used):
   * One backward per step for all branches (BranchLoss), so DDP sees one forward and one backward.
   * --amp (bf16 autocast), --channels-last, --compile (nn.Module.compile, state_dict keys unchanged).
   * torchrun: each process takes its slice of the global batch; rank 0 logs and checkpoints.
+  * On CUDA: no host sync inside a steady training step (the epoch's random numbers move once per epoch,
+    u is built on the device, sums stay there, the loss is checked every FINITE_EVERY steps);
+    cudnn.benchmark and TF32 on. Tested on the CPU under fake CUDA tensors (test_robmask.py).
 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
         python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched
@@ -35,6 +38,8 @@ import argparse
 import contextlib
 import copy
 import functools
+import gc
+import hashlib
 import itertools
 import json
 import math
@@ -83,7 +88,7 @@ def warn(msg):
 # steps of size α, each followed by a projection back onto the ε-ball (and onto [0,1], since the
 # models here take pixels in [0,1]: the dataset mean/std live inside the model, see Normalize).
 @torch.enable_grad()  # the attack needs ∂ℓ/∂x, even when called under no_grad
-def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True):
+def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True, check=True):
     """L∞ untargeted PGD with a uniform random start. Returns x_adv with |x_adv-x|∞ ≤ ε, in [0,1].
 
     model  : anything mapping x in [0,1] to logits. Set the mask (set_mask) and the BN mode first:
@@ -93,7 +98,11 @@ def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True):
              computes a weight gradient (the attack needs ∂ℓ/∂x only). False reproduces the common
              implementation (loss.backward() with weight gradients computed and then thrown away);
              it exists for `bench`, which measures what freezing saves.
+    check  : refuse images outside [0,1] (already normalised ones would break the ε-ball promise); it reads
+             the batch on the host, so the training and evaluation loops, whose data are pixels, skip it.
     """
+    if check:
+        check_pixels(x)
     if eps == 0 or steps == 0:
         return x
     alpha = eps / 5 if alpha is None else alpha
@@ -119,6 +128,14 @@ def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True):
         if not freeze_params:
             model.zero_grad(set_to_none=True)
     return x_adv.detach()
+
+
+def check_pixels(x):
+    if not (torch.is_tensor(x) and x.is_floating_point()):
+        raise TypeError(f"images must be a float tensor of pixels in [0,1], not {type(x).__name__}")
+    if not bool((x.min() >= 0) & (x.max() <= 1)):
+        raise ValueError(f"images must be pixels in [0,1] (the model normalises them itself; see Normalize), but they "
+                         f"span [{x.min().item():.3g}, {x.max().item():.3g}]: pass unnormalised images")
 
 
 # Batch normalisation (Ioffe & Szegedy), §2:  O = γ·(I - μ)/sqrt(σ² + eps) + β, per channel.
@@ -160,7 +177,7 @@ def stat_weights(u, mode, adversarial):
         return torch.ones(1, device=u.device)
     if mode == "split" and len(u) > 1:
         if not adversarial:  # the clean branch moves the clean basis (row 0) alone
-            return F.one_hot(torch.tensor(0), len(u)).float().to(u.device)
+            return (torch.arange(len(u), device=u.device) == 0).float()
         w = torch.cat([u.new_zeros(1), u[1:]])  # an adversarial branch: its u over the adversarial rows
         return w / w.sum()
     return u
@@ -228,6 +245,8 @@ def convert_masked_bn(module, k=1, stats="mixed"):
     """Swap every nn.BatchNorm2d in `module` for a MaskedBatchNorm2d with k bases, each basis a copy
     of the BatchNorm2d's γ, β and running stats (in the spirit of SyncBatchNorm.convert_sync_batchnorm).
     Models are written once with ordinary BatchNorm2d; this turns them into any method's model."""
+    if stats not in BN_STATS or not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"convert_masked_bn needs an integer k >= 1 and stats in {BN_STATS}, not k={k!r}, stats={stats!r}")
     if isinstance(module, nn.BatchNorm2d):
         if not (module.affine and module.track_running_stats) or module.momentum is None:
             raise ValueError("convert_masked_bn needs BatchNorm2d(affine=True, track_running_stats=True, momentum=float)")
@@ -238,18 +257,22 @@ def convert_masked_bn(module, k=1, stats="mixed"):
             new.running_mean.copy_(module.running_mean.expand_as(new.running_mean))
             new.running_var.copy_(module.running_var.expand_as(new.running_var))
             new.num_batches_tracked.copy_(module.num_batches_tracked)
-        return new.to(module.weight.device)
+        return new if new.W.device == module.weight.device else new.to(module.weight.device)
     for name, child in module.named_children():
         module.add_module(name, convert_masked_bn(child, k, stats))
     return module
 
 
-def masked_layers(model):
-    return [m for m in model.modules() if isinstance(m, MaskedBatchNorm2d)]
+def masked_layers(model, required=False):
+    layers = [m for m in model.modules() if isinstance(m, MaskedBatchNorm2d)]
+    if required and not layers:
+        raise ValueError("the model has no masked BN layer (MaskedBatchNorm2d): call convert_masked_bn(model, k=...) "
+                         "on a model with nn.BatchNorm2d first")
+    return layers
 
 
 def num_bases(model):
-    return masked_layers(model)[0].k
+    return masked_layers(model, required=True)[0].k
 
 
 def set_mask(model, u, adversarial=False):
@@ -257,7 +280,7 @@ def set_mask(model, u, adversarial=False):
     and, for training, whether the batch is adversarial (ε > 0: only --bn-stats split asks).
     u is rebound, never written in place: a branch's forward saves its u for the backward pass, and
     the next branch must not overwrite it before the single backward of the step (BranchLoss)."""
-    layers = masked_layers(model)
+    layers = masked_layers(model, required=True)
     u = torch.as_tensor(u, dtype=torch.float32).to(layers[0].W.device)
     if u.shape != (layers[0].k,):
         raise ValueError(f"mask u has shape {tuple(u.shape)}, the model has k={layers[0].k} bases")
@@ -271,17 +294,19 @@ def attack_bn_mode(model, mode):
     """BN behaviour while PGD runs inside a training step (--attack-bn):
     'eval' : use the running statistics (what TRADES, OAT and most AdvProp ports do);
     'train': use the batch statistics but leave the running statistics untouched."""
-    was_training = model.training
+    modes, layers = [(m, m.training) for m in model.modules()], masked_layers(model)
+    updates = [m.update_stats for m in layers]
     if mode == "eval":
         model.eval()
-    for m in masked_layers(model):
+    for m in layers:
         m.update_stats = False
     try:
         yield
-    finally:
-        model.train(was_training)
-        for m in masked_layers(model):
-            m.update_stats = True
+    finally:  # every module's mode as it was (a caller's frozen BN stays in eval mode)
+        for m, training in modes:
+            m.training = training
+        for m, update in zip(layers, updates):
+            m.update_stats = update
 
 
 class FixedMask(nn.Module):
@@ -290,7 +315,7 @@ class FixedMask(nn.Module):
     def __init__(self, model, u):
         super().__init__()
         self.model = model
-        self.register_buffer("u", torch.as_tensor(u, dtype=torch.float32))
+        self.register_buffer("u", torch.as_tensor(u, dtype=torch.float32, device=masked_layers(model)[0].W.device))
 
     def forward(self, x):
         set_mask(self.model, self.u)
@@ -364,14 +389,15 @@ def combine_checkpoints(path_a, path_b, device="cpu"):
 # anchors a_j = j/(k-1) in [0,1]: u_j = max(0, 1 - (k-1)|p - a_j|). For k=2 that is the paper's
 # u = (1-p)·u_0 + p·u_max = [1-p, p]. AdvProp-style methods keep their BNs separate ("onehot"):
 # the clean BN at p=0, else the adversarial basis whose anchor is nearest to p.
-def encode(p, k, onehot=False):
+def encode(p, k, onehot=False, device=None):
+    """u(p) ∈ R^k, built on `device` by kernels that take p as a number: no copy from the host, no wait."""
     if k == 1:
-        return torch.ones(1)
-    anchors = torch.linspace(0, 1, k)
+        return torch.ones(1, device=device)
     p = min(max(float(p), 0.0), 1.0)  # strengths beyond ε_max use the ε_max mask
     if onehot:
-        j = 0 if p == 0 else 1 + int(torch.argmin((anchors[1:] - p).abs()))
-        return F.one_hot(torch.tensor(j), k).float()
+        j = 0 if p == 0 else 1 + int(torch.argmin((torch.linspace(0, 1, k)[1:] - p).abs()))  # on the host
+        return (torch.arange(k, device=device) == j).float()
+    anchors = torch.linspace(0, 1, k, device=device)
     return (1 - (p - anchors).abs() * (k - 1)).clamp(min=0)
 
 
@@ -393,9 +419,9 @@ def method_k(args):
     return METHODS[args.method][0] or args.k or 2
 
 
-def mask_for(args, p):
+def mask_for(args, p, device=None):
     """The encoding u(p) that the run's method uses for strength p = ε/ε_max."""
-    return encode(p, method_k(args), METHODS[args.method][1] == "onehot")
+    return encode(p, method_k(args), METHODS[args.method][1] == "onehot", device)
 
 
 def branch_strengths(args):
@@ -404,9 +430,9 @@ def branch_strengths(args):
     return METHODS[args.method][2]
 
 
-def branches(args, p):
+def branches(args, p, device=None):
     """[(ε_i/ε_max, u_i), ...] for one mini-batch with the drawn p (Algorithm 1, lines 3-4)."""
-    return [(s, mask_for(args, s)) for s in (p if s == "p" else s for s in branch_strengths(args))]
+    return [(s, mask_for(args, s, device)) for s in (p if s == "p" else s for s in branch_strengths(args))]
 
 
 def method_draws_p(args):
@@ -418,6 +444,9 @@ def unfed_bases(args):
     keep their initial μ=0, σ²=1 forever): a drawn p reaches every adversarial row, a fixed one some."""
     k, fed = method_k(args), set()
     for s in branch_strengths(args):
+        if s == 0 or args.eps_max == 0:  # ε_i = 0: a clean branch, which feeds the clean row alone
+            fed.add(0)
+            continue
         if s == "p" and args.fix_p is None:
             fed |= set(range(1, k))
             continue
@@ -438,12 +467,19 @@ class BranchLoss(nn.Module):
         self.net, self.amp = net, amp
 
     def forward(self, xs, us, advs, y):
-        loss = 0.0
+        loss, ces, hits = 0.0, [], None
         for x, u, adv in zip(xs, us, advs):
             set_mask(self.net, u, adversarial=adv)
             with self.amp():
                 logits = self.net(x)
-            loss = loss + F.cross_entropy(logits.float(), y)
+            ce = F.cross_entropy(logits.float(), y)
+            loss = loss + ce  # summed in branch order, as the published runs did
+            ces.append(ce.detach())
+            if not adv and hits is None:  # the clean branch's correct count: the training accuracy
+                hits = (logits.detach().argmax(1) == y).sum()
+        # For the log, kept on the device (reading them here would make the host wait every step):
+        # each branch's own CE, and the clean branch's hits (None for a method without a clean branch)
+        self.last = (torch.stack(ces), hits)
         return loss
 
 
@@ -454,23 +490,53 @@ def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_s
     (p=None), attack each branch with its own mask u_i at ε_i = strength·ε_max, forward all branches.
     Call .backward() and step your optimizer. `args` (an argparse namespace) replaces the keywords for the
     CLI; `loss_module` is BranchLoss(model), possibly inside DistributedDataParallel."""
-    if args is None:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if args is None:  # the library: check what the CLI's parser would have checked
+        check_method_args(method, p, eps_max, attack_steps, attack_bn, k)
+        check_pixels(x)
         args = argparse.Namespace(method=method, k=k, fix_p=None, robmask_adv_only=False, eps_max=eps_max,
                                   attack_steps=attack_steps, attack_bn=attack_bn)
+    layers = masked_layers(model, required=True)
+    modes, masks = [(m, m.training) for m in model.modules()], [(m, m.u, m.stat_w, m.update_stats) for m in layers]
+    try:
+        return _method_loss(model, x, y, p, args, amp, loss_module, generator)
+    finally:  # the caller's model as it was: every module's train/eval mode, and the mask (a forward's u stays saved)
+        for m, training in modes:
+            m.training = training
+        for m, u, stat_w, update in masks:
+            m.u, m.stat_w, m.update_stats = u, stat_w, update
+
+
+def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
+    def bad(name, value, want):
+        raise ValueError(f"method_loss: {name}={value!r}; {want}")
+
+    if method not in METHODS:
+        bad("method", method, f"choose from {', '.join(METHODS)}")
+    if p is not None and not (isinstance(p, (int, float)) and 0 <= p <= 1):
+        bad("p", p, "p = ε/ε_max is a number in [0, 1], or None to draw it (Algorithm 1, line 3)")
+    if not (isinstance(eps_max, (int, float)) and 0 <= eps_max <= 1):
+        bad("eps_max", eps_max, "ε_max is in pixel units of [0,1] images: 8/255, not 8")
+    if not isinstance(attack_steps, int) or isinstance(attack_steps, bool) or attack_steps < 0:
+        bad("attack_steps", attack_steps, "a whole number of PGD steps, 0 or more")
+    if attack_bn not in ("eval", "train"):
+        bad("attack_bn", attack_bn, "'eval' or 'train'")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        bad("k", k, "an integer >= 1, or None")
+
+
+def _method_loss(model, x, y, p, args, amp, loss_module, generator):
     if num_bases(model) != method_k(args):
         raise ValueError(f"the model has k={num_bases(model)} bases but {args.method} needs {method_k(args)}: "
                          f"convert_masked_bn(model, k={method_k(args)})")
     if p is None:  # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
-        p = torch.rand((), generator=generator).item() if method_draws_p(args) else args.fix_p
+        p = torch.rand((), generator=generator, device="cpu").item() if method_draws_p(args) else args.fix_p
     xs, us, advs = [], [], []
-    for strength, u in branches(args, p):
+    for strength, u in branches(args, p, masked_layers(model)[0].W.device):
         eps_i = strength * args.eps_max  # ε_i ← p·ε_max
         if eps_i > 0:  # the clean branch (ε=0) is never attacked
             set_mask(model, u)  # attack with the branch's own mask
             with attack_bn_mode(model, args.attack_bn), amp():
-                x_i = pgd(model, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True))
+                x_i = pgd(model, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True), check=False)
         else:
             x_i = x
         xs.append(x_i)
@@ -639,7 +705,10 @@ def build_model(arch, num_classes, k=1, width=64, dataset="cifar10", bn_stats="m
     if dataset == "imagenet":
         import torchvision
 
-        body = torchvision.models.get_model(arch, num_classes=num_classes)
+        # googlenet and inception_v3 add auxiliary classifiers whose outputs training would have to weigh in; the
+        # paper's method has one loss per branch, so they are built without them (main logits only)
+        aux = dict(aux_logits=False, init_weights=True) if arch in ("googlenet", "inception_v3") else {}
+        body = torchvision.models.get_model(arch, num_classes=num_classes, **aux)
     else:
         layers, c = cifar_body(arch, width)
         body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
@@ -805,26 +874,33 @@ class DeviceData:
         return len(self.y_train) // batch_size  # drop the last partial batch: equal steps on all ranks
 
     def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
+        # The epoch's random numbers are drawn on the CPU in a fixed order (the same on every device and
+        # rank), then moved to the device once: the loop itself never copies from the host.
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        n, per_rank = len(self.y_train), batch_size // world
-        order = torch.randperm(n, generator=g)
-        for s in range(self.steps_per_epoch(batch_size)):
-            idx = order[s * batch_size:(s + 1) * batch_size]
-            dy, dx = torch.randint(0, 9, (2, batch_size), generator=g)
-            flip = torch.rand(batch_size, generator=g) < 0.5
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)
-            x = self.augment(self.x_train[idx[mine].to(self.device)], dy[mine], dx[mine], flip[mine])
-            yield to_float(x, self.channels_last), self.y_train[idx[mine].to(self.device)]
+        n, per_rank, steps = len(self.y_train), batch_size // world, self.steps_per_epoch(batch_size)
+        order = torch.randperm(n, generator=g)[:steps * batch_size].view(steps, batch_size)
+        draws = [(torch.randint(0, 9, (2, batch_size), generator=g), torch.rand(batch_size, generator=g) < 0.5)
+                 for _ in range(steps)]
+        if not steps:
+            return
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        order = order[:, mine].to(self.device)
+        shifts = torch.stack([d[0] for d in draws])[:, :, mine].to(self.device)  # (steps, 2: dy and dx, batch)
+        flips = torch.stack([d[1] for d in draws])[:, mine].to(self.device)
+        for s in range(steps):
+            idx = order[s]
+            x = self.augment(self.x_train[idx], shifts[s, 0], shifts[s, 1], flips[s])
+            yield to_float(x, self.channels_last), self.y_train[idx]
 
     def augment(self, x, dy, dx, flip):
+        """Random crop (zero padding 4) and flip as one gather; the offsets and flips are device tensors."""
         b, c, h, w = x.shape
         padded = F.pad(x, (4, 4, 4, 4))
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = dx[:, None] + torch.arange(w)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = dx[:, None] + torch.arange(w, device=x.device)
         cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-        dev = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        return padded[dev(torch.arange(b)[:, None, None, None]), dev(torch.arange(c)[None, :, None, None]),
-                      dev(rows), dev(cols)]
+        return padded[torch.arange(b, device=x.device)[:, None, None, None],
+                      torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
     def test_batches(self, batch_size, n=None, rank=0, world=1):
         idx = subset_indices(self.y_test.cpu(), n).to(self.device)[rank::world]
@@ -868,6 +944,7 @@ class LoaderData:
         test_tf = wrap(T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor()]))
         self.test_set = ImageFolder(os.path.join(self.root, "val"), test_tf, loader=_safe_pil_loader)
         self.classes, self.device, self.args, self._train_set = self.test_set.classes, device, args, None
+        self.test_loaders = {}
         self.image_hw = (s, s)
         train_dir = os.path.join(self.root, "train")
         if os.path.isdir(train_dir):
@@ -885,10 +962,10 @@ class LoaderData:
                     self._train_set, subset_indices(self._train_set.targets, self.args.subset))
         return self._train_set
 
-    def _loader(self, dataset, batch_size, sampler=None, train=False):
+    def _loader(self, dataset, batch_size, sampler=None, train=False, keep=False):
         return torch.utils.data.DataLoader(
             dataset, batch_size, sampler=sampler, num_workers=self.args.workers, drop_last=train,
-            pin_memory=self.device.type == "cuda", persistent_workers=train and self.args.workers > 0,
+            pin_memory=self.device.type == "cuda", persistent_workers=(train or keep) and self.args.workers > 0,
             collate_fn=_drop_unreadable)
 
     def steps_per_epoch(self, batch_size):
@@ -902,8 +979,11 @@ class LoaderData:
         yield from self._on_device(self.train_loader)
 
     def test_batches(self, batch_size, n=None, rank=0, world=1):
-        idx = subset_indices(self.test_set.targets, n)[rank::world].tolist()
-        yield from self._on_device(self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size))
+        key = (batch_size, n, rank, world)  # one loader per setting, its workers kept from epoch to epoch
+        if key not in self.test_loaders:
+            idx = subset_indices(self.test_set.targets, n)[rank::world].tolist()
+            self.test_loaders[key] = self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size, keep=True)
+        yield from self._on_device(self.test_loaders[key])
 
     def _on_device(self, loader):
         for batch in loader:
@@ -924,19 +1004,49 @@ def load_data(args, device, rank=0, world=1):
 
 
 # ---- 5.3 Checkpoints -------------------------------------------------------------------------
-def check_out(path, flag="--out"):
-    """Every file robmask writes passes here first, before any expensive work: refuse to replace a folder,
-    a device, pipe or link, or a PyTorch file (a checkpoint); create a missing folder; prove it writable."""
+def json_keys(path):
+    """The top-level keys of a JSON object file (empty for anything else): how a writer knows its own files."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    return set(obj) if isinstance(obj, dict) else set()
+
+
+def own_export(path):
+    """An earlier export: a robmask checkpoint that says so, or a torchvision state_dict with its own sidecar."""
+    if {"arch", "u", "source"} <= json_keys(path + ".json"):
+        return True
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(ck, dict) and ck.get("format") == FORMAT and "exported_from" in (ck.get("args") or {})
+
+
+# What each writer recognises as a file it wrote itself, and may replace without --force
+OWN = {"results": lambda p: bool({"rows", "step_seconds"} & json_keys(p)),  # eval, tradeoff, bench
+       "sidecar": lambda p: {"arch", "u", "source"} <= json_keys(p), "export": own_export,
+       "png": lambda p: open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n",
+       "report": lambda p: open(p, "rb").read(10) == b"# Results\n"}
+
+
+def check_out(path, kind, force=False, flag="--out"):
+    """Every file robmask writes passes here first, before any expensive work. A path ending in / names a
+    folder. A writer replaces only a regular file that it recognises as its own kind (OWN[kind]), or any
+    regular file with --force; never a folder, a device, pipe or link. Creates a missing folder and proves
+    it writable."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        die(f"{flag} {path} names a folder; give a file name (inside it, or beside it)")
     path = os.path.abspath(path)
-    if os.path.isdir(path):
-        die(f"{flag} {path} is a folder; give a file name inside it")
     if os.path.lexists(path):
         if not stat.S_ISREG(os.lstat(path).st_mode):
             die(f"{flag} {path} exists and is not a regular file (a device, pipe or link); robmask replaces only "
                 "regular files: choose another name")
-        with open(path, "rb") as f:
-            if f.read(2) in (b"PK", b"\x80\x02"):  # torch.save's zip or legacy pickle: a checkpoint
-                die(f"{flag} {path} holds a PyTorch file (a checkpoint?); refusing to replace it: choose another name")
+        if not force and not OWN[kind](path):
+            die(f"{flag} {path} exists and is not a {kind} file that robmask wrote; refusing to replace it: choose "
+                "another name, or pass --force")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tempfile.TemporaryFile(dir=os.path.dirname(path)).close()  # can we create a file there?
@@ -1045,10 +1155,16 @@ def load_state(model, state, path, what):
     model.load_state_dict(state)
 
 
+def run_id(args, history):
+    """A run's identity, from what its folder keeps even without the checkpoint (args.json and log.jsonl): an
+    evaluation records it, and report refuses an evaluation whose run has since been retrained."""
+    return hashlib.sha256(json.dumps([args, history], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode, args dict) from a robmask checkpoint."""
+    """(model in eval mode, args dict) from a robmask checkpoint; args["run_id"] names the weights measured."""
     ckpt = read_checkpoint(path)
-    a = ckpt["args"]
+    a = dict(ckpt["args"], run_id=run_id(ckpt["args"], ckpt.get("log", [])), run_epoch=ckpt.get("epoch"))
     model = build_model(a["arch"], a["num_classes"], a["k"], a["width"], a["dataset"], a["bn_stats"])
     load_state(model, ckpt["model"], path, f"{a['arch']} (k={a['k']}, {a['num_classes']} classes)")
     return model.to(device).eval(), a
@@ -1064,16 +1180,23 @@ def setup_device(args):
         # x86 CPUs slow down by up to a third on denormal floats, which PGD's input gradients produce on
         # some data and not on other: flushing them to zero makes a step's time depend on its work only
         torch.set_flush_denormal(True)
+    distributed, device = int(os.environ.get("WORLD_SIZE", "1")) > 1, torch.device(want)
+    if device.type == "cuda":
+        # A device needs its index: under torchrun the process's own GPU (LOCAL_RANK); for a bare "cuda" the
+        # current one. It becomes the current device before any collective, so that NCCL binds to it and
+        # synchronize() and the memory counters refer to it.
+        index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 GEMMs/convs
     rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None)
         rank, world = dist.get_rank(), dist.get_world_size()
-        if want.startswith("cuda"):
-            want = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if want.startswith("cuda"):  # the current device, so that synchronize() and memory stats refer to it
-        torch.cuda.set_device(torch.device(want))
-    return torch.device(want), rank, world
+    return device, rank, world
 
 
 def place(net, args, device):
@@ -1091,15 +1214,21 @@ def amp_context(args, device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
 
 
-def cosine_lr(step, total, base):
-    """Cosine schedule (paper §5), per step; derived from the step, so a resumed run needs no state."""
-    return base * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+def cosine_lr(step, total, base, warmup=0):
+    """Cosine schedule (paper §5), per step; derived from the step, so a resumed run needs no state.
+    --warmup: first a linear ramp base·(step+1)/warmup over `warmup` steps (as the public AdvProp and
+    dual-BN codes do), then the cosine over the remaining steps. warmup=0 is the paper's schedule."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
 def all_reduce(values, device):
+    """Sums of Python numbers over the DDP ranks (a single process has nothing to add)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -1110,17 +1239,20 @@ def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=conte
     was_training = model.training
     model.eval()
     set_mask(model, u)
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.long, device=data.device), 0  # counted on the device: no wait per batch
     for x, y in data.test_batches(batch_size, n, rank, world):
         if eps > 0:
             with amp():
-                x = pgd(model, x, y, eps, eps / 5, steps)
+                x = pgd(model, x, y, eps, eps / 5, steps, check=False)
         with torch.no_grad(), amp():
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (model(x).argmax(1) == y).sum()
         total += len(y)
     model.train(was_training)
-    correct, total = all_reduce([correct, total], data.device)
+    correct, total = all_reduce([correct.item(), total], data.device)
     return correct / max(total, 1), int(total)
+
+
+FINITE_EVERY = 50  # steps between checks that the loss is finite: each check makes the host wait for the GPU
 
 
 def fmt_time(s):
@@ -1128,35 +1260,59 @@ def fmt_time(s):
 
 
 def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, total_steps):
-    """One epoch of Algorithm 1. Returns (mean loss, images per second, seconds)."""
+    """One epoch of Algorithm 1. Returns its log entry: mean loss, clean training accuracy, mean loss per
+    branch (methods with more than one), images per second, seconds."""
     net.train()
     steps = data.steps_per_epoch(args.batch_size)
+    warmup = round(args.warmup * steps)
+    branch_sum, hits, seen = 0.0, None, 0
     # p is drawn from its own generator, seeded from (seed, epoch) and identical on every rank,
     # so that all ranks use the same mask u(p); the PGD random starts use torch's per-rank RNG.
     p_gen = torch.Generator().manual_seed(args.seed * 7919 + epoch)
     torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + rank)
     loss_sum, t0, last_print = torch.zeros((), device=device), time.time(), time.time()
+    first_bad, bad_loss = torch.full((), steps, device=device), torch.zeros((), device=device)  # steps: none yet
     for step, (x, y) in enumerate(data.train_batches(epoch, args.batch_size, args.seed, rank, world)):
         if opt is not None:
-            lr = cosine_lr(epoch * steps + step, total_steps, args.lr)
+            lr = cosine_lr(epoch * steps + step, total_steps, args.lr, warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
         loss = train_step(net, step_module, opt, x, y, None, args, amp, p_gen)  # p=None: method_loss draws it
-        finite = torch.isfinite(loss).float()
-        if world > 1:  # if one rank sees a NaN, all stop (instead of waiting in the next collective)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite:
-            die(f"the loss became non-finite ({loss.item()} here) at epoch {epoch + 1}, step {step + 1}; training stopped and the last "
-                "good checkpoint was kept. Lower --lr (or check the data) and start again")
+        new_bad = ~torch.isfinite(loss) & (first_bad == steps)  # on the device: no wait for the GPU here
+        first_bad, bad_loss = torch.where(new_bad, step, first_bad), torch.where(new_bad, loss, bad_loss)
+        if (step + 1) % FINITE_EVERY == 0 or step + 1 == steps:
+            stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world)
         loss_sum += loss
+        ces, step_hits = getattr(step_module, "module", step_module).last  # DDP keeps BranchLoss as .module
+        branch_sum = branch_sum + ces
+        if step_hits is not None:
+            hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
         if time.time() - last_print > args.log_every and rank == 0:
             last_print, done = time.time(), step + 1
             rate = done * args.batch_size / (time.time() - t0)
-            log(f"  epoch {epoch + 1} step {done}/{steps}  loss {loss_sum.item() / done:.4f}  {rate:.0f} img/s  "
+            acc = f"  train_acc {hits.item() / seen:.4f}" if hits is not None else ""
+            log(f"  epoch {epoch + 1} step {done}/{steps}  loss {loss_sum.item() / done:.4f}{acc}  {rate:.0f} img/s  "
                 f"epoch ETA {fmt_time((steps - done) * args.batch_size / rate)}")
     seconds = time.time() - t0
-    mean_loss = all_reduce([loss_sum.item()], device)[0] / world / max(steps, 1)
-    return mean_loss, steps * args.batch_size / max(seconds, 1e-9), seconds
+    sums = all_reduce([loss_sum.item(), seen, hits.item() if hits is not None else 0, *branch_sum.tolist()], device)
+    entry = dict(train_loss=sums[0] / world / max(steps, 1))
+    if hits is not None:
+        entry["train_acc"] = sums[2] / max(sums[1], 1)
+    if len(sums) > 4:  # two branches or more: each one's own mean CE, in branch order (clean first)
+        entry["branch_loss"] = [b / world / max(steps, 1) for b in sums[3:]]
+    return dict(entry, img_per_s=steps * args.batch_size / max(seconds, 1e-9), seconds=seconds)
+
+
+def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
+    """Stop if a step of this epoch had a non-finite loss (checked every FINITE_EVERY steps and at the end of
+    the epoch, so before every save). Under DDP every rank stops, not only the one that saw it."""
+    flag = first_bad.clone()
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not bool(flag == steps):  # (steps: no step was bad)
+        seen = f"{bad_loss.item()} here" if first_bad < steps else "on another rank"
+        die(f"the loss became non-finite ({seen}) at epoch {epoch + 1}, step {int(flag) + 1}; training stopped and the "
+            "last good checkpoint was kept. Lower --lr (or check the data) and start again")
 
 
 def check_ranks_agree(net, device):
@@ -1284,7 +1440,7 @@ def _run_training(args, given, init_from=None):
         write_json(os.path.join(args.out, "args.json"), args_json)
     amp = amp_context(args, device)
     step_module = BranchLoss(net, amp)
-    if world > 1:
+    if world > 1 and opt is not None:  # (finetune-bn --params stats trains nothing: no gradients to all-reduce)
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
     steps = data.steps_per_epoch(args.batch_size)
     if steps == 0:
@@ -1294,17 +1450,18 @@ def _run_training(args, given, init_from=None):
     log(f"{job} ({what}, {args.params:,} parameters) on {args.dataset}: {args.epochs} epochs "
         f"x {steps} steps of {args.batch_size}, {world} process(es) on {device}")
     for epoch in range(start, args.epochs):
-        loss, rate, seconds = train_epoch(epoch, net, step_module, opt, data, args, amp, device,
-                                          rank, world, args.epochs * steps)
+        ep = train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, args.epochs * steps)
         acc, _ = accuracy(net, data, mask_for(args, 0), batch_size=2 * args.batch_size // world, n=args.test_n,
                           amp=amp, rank=rank, world=world)
-        entry = dict(epoch=epoch + 1, lr=cosine_lr((epoch + 1) * steps, args.epochs * steps, args.lr),
-                     train_loss=loss, test_acc=acc, img_per_s=rate, seconds=seconds)
+        lr = cosine_lr((epoch + 1) * steps, args.epochs * steps, args.lr, round(args.warmup * steps))
+        entry = dict(epoch=epoch + 1, lr=lr, test_acc=acc, **ep)
         if world > 1:
             entry["rank_max_abs_diff"] = check_ranks_agree(net, device)
         history.append(entry)
-        log(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  test_acc {acc:.4f}  lr {entry['lr']:.4f}  "
-            f"{rate:.0f} img/s  {seconds:.1f}s")
+        extra = "".join(f"  {key} {ep[key]:.4f}" for key in ("train_acc",) if key in ep)
+        extra += f"  branches {' '.join(f'{b:.3f}' for b in ep['branch_loss'])}" if "branch_loss" in ep else ""
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {ep['train_loss']:.4f}{extra}  test_acc {acc:.4f}  lr {lr:.4f}  "
+            f"{ep['img_per_s']:.0f} img/s  {ep['seconds']:.1f}s")
         bad = next((key for key, t in net.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
         if bad is not None:  # every rank holds the same weights, so every rank stops here
             die(f"the weights became non-finite ({bad}) in epoch {epoch + 1}; nothing was saved for it"
@@ -1338,12 +1495,10 @@ def cmd_finetune_bn(args, given):
         die(f"--data-dir is not used: {args.ckpt} was trained on the built-in synthetic data; drop it")
     if a["k"] != 1:
         die(f"finetune-bn works on single-BN (k=1) checkpoints such as bn or adv runs; {args.ckpt} has k={a['k']}")
-    if args.freeze_stats and args.params == "stats":
-        die("--freeze-stats with --params stats would change nothing: drop one of them")
     own = {k: v for k, v in vars(args).items() if k not in ("ckpt", "on", "eps", "params")}
     a.update({k: v for k, v in own.items() if v is not None or k not in a})
     a.update(method="bn" if args.on == "clean" else "adv", bn_params=args.params, source=os.path.abspath(args.ckpt),
-             eps_max=args.eps if args.eps is not None else a["eps_max"], finetune_on=args.on)
+             eps_max=args.eps if args.eps is not None else a["eps_max"], finetune_on=args.on, warmup=0)
     ft = argparse.Namespace(**a)
     given = {dict(on="method", params="bn_params", eps="eps_max").get(k, k) for k in given}
     run_training(ft, given, init_from=None if args.resume and os.path.exists(
@@ -1406,16 +1561,20 @@ def recalibrate(model, batches, u, eps=0.0, steps=7):
         if eps > 0:  # attack the model as loaded, in eval mode with mask u
             model.eval()
             set_mask(model, u)
-            x = pgd(model, x, y, eps, eps / 5, steps)
+            x = pgd(model, x, y, eps, eps / 5, steps, check=False)
         hooks = [m.register_forward_pre_hook(measure) for m in layers]
         model.train()
         set_mask(model, u, adversarial=eps > 0)
         with torch.no_grad(), attack_bn_mode(model, "train"):  # batch statistics, running ones untouched
-            model(x)
+            try:
+                model(x)
+            except ValueError as e:  # "Expected more than 1 value per channel": a batch of 1 on 1x1 maps
+                die(f"--recalibrate cannot measure BN statistics here ({str(e).splitlines()[0][:80]}); give it more "
+                    "training images (at least 2 per batch)")
         for h in hooks:
             h.remove()
     for m, (n, s1, s2) in moments.items():
-        if n[0] < 2:
+        if not n[0] >= 2:
             die("--recalibrate needs at least 2 values per channel; give it more training images")
         mean = s1 / n
         m.running_mean = mean.float()[None]
@@ -1431,6 +1590,12 @@ def recalibrated(model, ck, args, data, cache, u, eps_r):
     if key not in cache:
         t0 = time.time()
         b = math.ceil(args.recalibrate / math.ceil(args.recalibrate / args.batch_size))  # equal batches, ≤ N in all
+        if data.steps_per_epoch(b) * b < args.recalibrate:  # say (and record) how many images there really were
+            have = len(data.y_train) if hasattr(data, "y_train") else len(data.train_set)
+            b = min(b, have)
+            warn(f"--recalibrate {args.recalibrate}: the training set has only {have} images; recalibrating on "
+                 f"{data.steps_per_epoch(b) * b} of them")
+            args.recalibrate = data.steps_per_epoch(b) * b
         batches = data.train_batches(0, b, args.seed)
         cache[key] = recalibrate(model, batches, u, eps_r, ck.get("attack_steps", 7))
         log(f"  recalibrated BN statistics at u={[round(v, 3) for v in u.tolist()]} on {args.recalibrate} training "
@@ -1464,7 +1629,7 @@ def autoattack_accuracy(model, data, u, eps, args, device):
 
 
 def cmd_eval(args):
-    args.out = args.out and check_out(args.out)
+    args.out = args.out and check_out(args.out, "results", args.force)
     device, _, _ = setup_device(args)
     model, ck = load_checkpoint(args.ckpt, device)
     data = eval_data(args, ck, device)
@@ -1477,12 +1642,13 @@ def cmd_eval(args):
         if args.attack == "autoattack":
             acc, n = autoattack_accuracy(m, data, u, eps, args, device)
         else:
-            acc, n = accuracy(m, data, u, eps, args.steps, args.batch_size, args.n)
+            acc, n = accuracy(m, data, u, eps, args.steps, args.batch_size, args.n, amp_context(args, device))
         rows.append(dict(attack=args.attack, eps=eps, steps=args.steps if args.attack == "pgd" else None,
                          mask=args.mask, u=u.tolist(), accuracy=acc, n=n, recalibrate=args.recalibrate))
         log(f"{args.attack:10s} eps {eps * 255:5.2f}/255  mask {args.mask:7s} u={[round(v, 3) for v in u.tolist()]}  "
             f"accuracy {acc:.4f}  (n={n}, {time.time() - t0:.1f}s)")
-    result = dict(checkpoint=args.ckpt, method=ck["method"], rows=rows)
+    result = dict(checkpoint=args.ckpt, method=ck["method"], rows=rows, amp=args.amp, run_id=ck["run_id"],
+                  run_epoch=ck["run_epoch"])
     if args.attack == "autoattack":
         result["aa"] = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
     if args.out:
@@ -1492,7 +1658,7 @@ def cmd_eval(args):
 
 def cmd_tradeoff(args):
     """§3.2 / Table 2: clean and PGD accuracy along u = [1-p, p]."""
-    args.out = check_out(args.out)
+    args.out = check_out(args.out, "results", args.force)
     device, _, _ = setup_device(args)
     if args.ckpt_b:
         model, ck = combine_checkpoints(args.ckpt, args.ckpt_b, device)
@@ -1509,9 +1675,10 @@ def cmd_tradeoff(args):
         # --recalibrate: a RobMask/AdvProp checkpoint's u(p) stands for ε = p·ε_max; the two-checkpoint
         # slider's bases stand for no ε (its p=1 end was tuned on clean images), so clean images for all p
         m = recalibrated(model, ck, args, data, cache, u, 0.0 if args.ckpt_b else p * ck["eps_max"])
-        clean, n = accuracy(m, data, u, 0.0, 0, args.batch_size, args.n)
+        amp = amp_context(args, device)
+        clean, n = accuracy(m, data, u, 0.0, 0, args.batch_size, args.n, amp)
         torch.manual_seed(args.seed)
-        robust, _ = accuracy(m, data, u, args.eps, args.steps, args.batch_size, args.n)
+        robust, _ = accuracy(m, data, u, args.eps, args.steps, args.batch_size, args.n, amp)
         rows.append(dict(p=p, u=u.tolist(), clean=clean, robust=robust, eps=args.eps, steps=args.steps, n=n,
                          recalibrate=args.recalibrate))
         log(f"p {p:.2f}  clean {clean:.4f}  pgd{args.steps}@{args.eps * 255:.1f}/255 {robust:.4f}  (n={n})")
@@ -1535,14 +1702,14 @@ def fold_mask(model, u):
 
 
 def cmd_export(args):
-    args.out = check_out(args.out)
-    if args.mask == "matched":
-        die("export folds one fixed mask: use --mask clean or a number p in [0, 1]")
+    args.out = check_out(args.out, "export", args.force)
+    meta_path = check_out(args.out + ".json", "sidecar", args.force, "--out's sidecar") if args.format == "torchvision" else None
     model, ck = load_checkpoint(args.ckpt)
     u, _ = row_mask(ck, args.mask, 0.0)
     sd = fold_mask(model, u)
     if args.format == "robmask":  # a k=1 robmask checkpoint: eval, tradeoff, finetune-bn and plot all take it
-        a = dict(ck, k=1, method="bn", bn_stats="mixed", exported_from=os.path.abspath(args.ckpt), export_u=u.tolist())
+        a = dict({k: v for k, v in ck.items() if k not in ("run_id", "run_epoch")}, k=1, method="bn", bn_stats="mixed",
+                 exported_from=os.path.abspath(args.ckpt), export_u=u.tolist())
         ckpt = dict(format=FORMAT, model=sd, args=a, epoch=0, log=[], complete=True, optimizer=None)
         atomic_write(args.out, lambda f: torch.save(ckpt, f))
     else:  # torchvision.models.<arch>(num_classes=N).load_state_dict(sd, strict=True), constants in OUT.json
@@ -1554,7 +1721,6 @@ def cmd_export(args):
         for key, t in sd.items():
             head, _, leaf = key[2:].rpartition(".")  # drop the "1." of Sequential(Normalize, body)
             tv[f"{head}.{names.get(leaf, leaf)}"] = t[0] if leaf in ("W", "Wp", "running_mean", "running_var") else t
-        meta_path = check_out(args.out + ".json")
         atomic_write(args.out, lambda f: torch.save(tv, f))
         mean, std = MEAN_STD[ck["dataset"]]
         write_json(meta_path, dict(arch=ck["arch"], num_classes=ck["num_classes"], mean=mean, std=std,
@@ -1589,10 +1755,36 @@ def _timed(device, fn, reps=1):
     return time.perf_counter() - t0
 
 
-def cmd_bench(args):
+def piece_flops(net, x, y, amp=contextlib.nullcontext):
+    """FLOPs (torch.utils.flop_counter) of the two pieces every method's step is made of, on the batch x: a
+    training forward+backward, and one attack step (forward + backward to the input only, parameters frozen).
+    The counter cannot trace pgd itself: its module tracker rejects autograd.grad on a leaf input."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    args.out = args.out and check_out(args.out)
+    def count(fn):
+        counter = FlopCounterMode(display=False)
+        with counter, amp():
+            fn()
+        return counter.get_total_flops()
+
+    train = count(lambda: F.cross_entropy(net(x).float(), y).backward())
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    attack = count(lambda: F.cross_entropy(net(x.clone().requires_grad_(True)).float(), y).backward())
+    for p in params:
+        p.requires_grad_(True)
+    net.zero_grad(set_to_none=True)
+    return train, attack
+
+
+def method_flops(args, train, attack):
+    """A step of args.method: one training forward+backward per branch, attack_steps attack steps per attacked one."""
+    return sum(train + (args.attack_steps * attack if s > 0 else 0) for s, _ in branches(args, 0.5))
+
+
+def cmd_bench(args):
+    args.out = args.out and check_out(args.out, "results", args.force)
     device, _, _ = setup_device(args)
     amp = amp_context(args, device)
     torch.manual_seed(0)
@@ -1627,12 +1819,22 @@ def cmd_bench(args):
             net.zero_grad(set_to_none=True)
         return step
 
-    methods = ("bn", "adv", "advprop", "robmask")
+    methods, peak, rss_before = ("bn", "adv", "advprop", "robmask"), {}, _peak_rss_mb()
+    for m in methods:  # peak memory of two steps of each method alone: no other case's model, gradients or state alive
+        step, (x, y) = make(m), batches[0]
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _peak_rss_reset()
+        for _ in range(2):
+            step(x, y, 0.5)
+        peak[m] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+        del step
     cases = {m: make(m) for m in methods}
     cases["adv_unfrozen"] = make("adv", freeze_params=False)  # the common implementation of the attack
     cases["fwdbwd_masked"], cases["fwdbwd_plain"] = fwd_bwd(True), fwd_bwd(False)
     times = {name: [] for name in cases}
-    peak, rss_before = {}, _peak_rss_mb()
     gen = torch.Generator().manual_seed(0)
     log(f"bench: {args.arch} width {args.width}, batch {args.batch_size}, {args.steps} timed steps "
         f"(+{args.warmup} warm-up) per case, round-robin, on {device}")
@@ -1640,39 +1842,17 @@ def cmd_bench(args):
         for name, step in cases.items():
             x, y = batches[r % len(batches)]
             p = torch.rand((), generator=gen).item()
-            if r == args.warmup:  # peak memory: measured on the first timed step
-                _peak_rss_reset()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
             seconds = _timed(device, lambda: step(x, y, p))
             if r >= args.warmup:
                 times[name].append(seconds)
-            if r == args.warmup:
-                peak[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
     def one_epoch():  # the data pipeline alone: augment + float conversion of the batches of one epoch
         for _ in data.train_batches(1, args.batch_size, 0):
             pass
     pipeline = data.steps_per_epoch(args.batch_size) * args.batch_size / _timed(device, one_epoch)
-    # FLOPs per step, counted by torch.utils.flop_counter on two pieces: a training forward+backward, and
-    # one attack step (forward + backward to the input only, parameters frozen). A method's step is one
-    # training forward+backward per branch plus attack_steps attack steps per attacked branch. (The
-    # counter cannot trace pgd itself: its module tracker rejects autograd.grad on a leaf input.)
     net, (x, y) = build_model(args.arch, 10, 2, args.width).to(device), batches[0]
-
-    def count(fn):
-        counter = FlopCounterMode(display=False)
-        with counter, amp():
-            fn()
-        return counter.get_total_flops()
-
-    train_flops = count(lambda: F.cross_entropy(net(x).float(), y).backward())
-    for p in net.parameters():
-        p.requires_grad_(False)
-    attack_flops = count(lambda: F.cross_entropy(net(x.clone().requires_grad_(True)).float(), y).backward())
-    flops = {m: sum(train_flops + (7 * attack_flops if s > 0 else 0) for s, _ in branches(bench_args(m), 0.5))
-             for m in methods}
+    flops = {m: method_flops(bench_args(m), *piece_flops(net, x, y, amp)) for m in methods}
     # The machine's dense matmul rate, measured here in the dtype that training computes in, by two paths:
     # torch.mm (BLAS) and the same n×n×n product as a 1×1 convolution (oneDNN on the CPU). On some CPUs
     # (MKL on AMD) the BLAS path is far from the hardware peak; the better of the two is the denominator.
@@ -1711,6 +1891,72 @@ def cmd_bench(args):
     if args.out:
         write_json(args.out, result)
     return result
+
+
+# ---- cost: what run_all.sh's stages would take at full scale, from counted FLOPs ---------------------------------
+COST_DEVICE = ("an H100 SXM at 40% of its 989 TFLOP/s dense bf16 peak", 0.4 * 989e12)
+DECODE_PER_WORKER = 150  # ImageNet images/s that one DataLoader worker decodes and crops (PIL; 100-250 measured)
+AA_STEPS = 1000  # AutoAttack standard, roughly: APGD-CE 100 steps + APGD-T 9 targets x 100, per image (a bound)
+
+
+def cmd_cost(args):
+    """Reads `run_all.sh --dry-run` output; for every stage, the FLOPs of its train/finetune-bn/eval/tradeoff
+    commands (counted on the real models, per image) and the GPU-hours they take on COST_DEVICE: a lower bound,
+    since small CIFAR convolutions reach far less than 40% of a GPU's peak."""
+    import shlex
+
+    sizes = dict(cifar10=(50_000, 10_000), cifar100=(50_000, 10_000), imagenet=(1_281_167, 50_000), synthetic=(2_560, 512))
+    runs, pieces, totals, stage, seen = {}, {}, {}, None, set()
+    for line in open(args.commands, encoding="utf-8"):
+        if line.startswith("== stage "):
+            stage = line.split()[-1]
+            totals.setdefault(stage, [0.0, 0.0, 0])  # (a stage whose runs an earlier one made shows 0)
+            continue
+        argv = shlex.split(line[2:]) if line.startswith("+ ") and " robmask.py " in line else []
+        argv = argv[argv.index("robmask.py") + 1:] if argv else []
+        if not argv or argv[0] not in ("train", "finetune-bn", "eval", "tradeoff") or stage is None or line in seen:
+            continue  # (a run that several stages need is counted once, in the first)
+        seen.add(line)
+        a = make_parser().parse_args(argv)
+        if a.command == "train":
+            validate(a)
+            runs[os.path.normpath(a.out)] = a
+        else:  # the run it reads: the train command (earlier in the output) that wrote that checkpoint
+            src = runs.get(os.path.normpath(os.path.dirname(a.ckpt)))
+            if src is None:
+                continue
+            if a.command == "finetune-bn":
+                runs[os.path.normpath(a.out)] = src
+        r = a if a.command == "train" else src
+        key = (r.arch, r.dataset, r.width, r.image_size, method_k(r))
+        if key not in pieces:  # per image: counted on 2 images at the run's resolution
+            hw = r.image_size if r.dataset == "imagenet" else 32
+            net = build_model(r.arch, 1000 if r.dataset == "imagenet" else 10, key[-1], r.width, r.dataset)
+            pieces[key] = [f / 2 for f in piece_flops(net, torch.rand(2, 3, hw, hw), torch.zeros(2, dtype=torch.long))]
+        train, attack = pieces[key]
+        n_train, n_test = sizes[r.dataset]
+        if a.command in ("train", "finetune-bn"):
+            images = (a.subset or r.subset or n_train) * a.epochs
+            flops = images * (method_flops(r, train, attack) if a.command == "train"
+                              else train + (attack * r.attack_steps if a.on == "adv" else 0))
+            loader = images / (DECODE_PER_WORKER * r.workers) / 3600 if r.dataset == "imagenet" else 0.0
+        else:
+            n = a.n or n_test
+            rows = [0.0] if getattr(a, "attack", "pgd") == "none" else (a.eps if a.command == "eval" else [0.0, a.eps] * len(a.p))
+            steps = AA_STEPS if getattr(a, "attack", "") == "autoattack" else a.steps
+            flops = sum(n * (train / 3 + (steps * attack if e > 0 else 0)) for e in rows)  # a forward is ~1/3 of fwd+bwd
+            loader = 0.0
+        t = totals.setdefault(stage, [0.0, 0.0, 0])
+        t[0], t[1], t[2] = t[0] + flops, t[1] + loader, t[2] + 1
+    log(f"Estimated cost at this scale, from counted FLOPs, on {COST_DEVICE[0]} (eval: PGD as counted, AutoAttack as "
+        f"{AA_STEPS} attack steps per image; ImageNet loader bound: {DECODE_PER_WORKER} img/s per worker):")
+    log(f"  {'stage':8s} {'commands':>8s} {'PFLOP':>10s} {'GPU-hours':>10s} {'decode-bound GPU-hours':>23s}")
+    for name, (flops, loader, count) in totals.items():
+        log(f"  {name:8s} {count:8d} {flops / 1e15:10.1f} {flops / COST_DEVICE[1] / 3600:10.1f} "
+            f"{f'{loader:.1f}' if loader else '-':>23s}")
+    flops = sum(t[0] for t in totals.values())
+    log(f"  {'all':8s} {sum(t[2] for t in totals.values()):8d} {flops / 1e15:10.1f} {flops / COST_DEVICE[1] / 3600:10.1f}")
+    return totals
 
 
 # ---- 5.7 Figures (matplotlib, imported only here) -------------------------------------------------
@@ -1803,13 +2049,16 @@ def read_log(run_dir):
 
 
 def plot_curves(args, fig):
-    """Figure 3: clean test accuracy per epoch, one line per run."""
+    """Figure 3: clean test accuracy per epoch, one line per run; the clean training accuracy dashed, where logged."""
     ax = fig.subplots()
     for run in args.runs:
         rows = read_log(run)
-        ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker=".",
-                label=os.path.basename(os.path.normpath(run)))
-    ax.set(xlabel="epoch", ylabel="clean test accuracy (%)")
+        line, = ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker=".",
+                        label=os.path.basename(os.path.normpath(run)))
+        train = [(r["epoch"], 100 * r["train_acc"]) for r in rows if isinstance(r.get("train_acc"), (int, float))]
+        if train:  # the gap between the two is the overfitting that RobMask's regulariser is meant to close
+            ax.plot(*zip(*train), linestyle="--", color=line.get_color())
+    ax.set(xlabel="epoch", ylabel="clean accuracy (%): test solid, training dashed")
     ax.legend(fontsize=7)
     fig.tight_layout()
 
@@ -1837,7 +2086,7 @@ PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves
 
 
 def cmd_plot(args):
-    args.out = check_out(args.out)
+    args.out = check_out(args.out, "png", args.force)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1872,7 +2121,28 @@ CLAIMS = {
 
 class Runs:
     def __init__(self, root):
-        self.root = root
+        self.root, self.notes = root, []  # notes: runs whose numbers are not final (partial) or not theirs (stale)
+
+    def unfinished(self, d):
+        """'partial: E/N ep' for a run that stopped before its last epoch, else None."""
+        a, log = self.json(os.path.join(os.path.basename(d), "args.json")), self.log(d)
+        if isinstance(a, dict) and isinstance(a.get("epochs"), int) and len(log) < a["epochs"]:
+            return f"partial: {len(log)}/{a['epochs']} ep"
+        return None
+
+    def stale(self, d, file):
+        """An evaluation of weights that the run no longer holds (it was retrained since), by its run_id."""
+        res, a = self.json(os.path.join(os.path.basename(d), file)), self.json(os.path.join(os.path.basename(d), "args.json"))
+        rows = self.json(os.path.join(os.path.basename(d), "log.jsonl"), lines=True)
+        if not (isinstance(res, dict) and "run_id" in res and isinstance(a, dict) and isinstance(rows, list)):
+            return False  # (evaluations written before run_id existed are taken as they are)
+        return res["run_id"] != run_id(a, rows)
+
+    def marked(self, name, d, value):
+        note = self.unfinished(d)
+        if note and value is not None:
+            self.notes.append(f"{os.path.basename(d)}: {note}")
+        return value
 
     def seeds(self, name):
         """Run directories name-s0, name-s1, ... that hold a log."""
@@ -1893,46 +2163,56 @@ class Runs:
         """The rows of a result file that carry numeric `keys` (malformed ones are skipped, with a warning)."""
         res = self.json(path, lines=path.endswith(".jsonl"))
         rows = res if isinstance(res, list) else res.get("rows") if isinstance(res, dict) else None
+        if res is not None and not isinstance(rows, list):  # a number, a string, a boolean, an object...
+            warn(f"{os.path.join(self.root, path)} has no list of rows: its cells show as not run")
+            return []
         good = [r for r in rows or [] if isinstance(r, dict) and all(
             isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in keys)]
         if res is not None and len(good) < len(rows or [1]):
             warn(f"{os.path.join(self.root, path)} has rows without {', '.join(keys)}: skipped")
         return good
 
-    def cell(self, values):
+    def cell(self, values, name=None):
         values = [v for v in values if v is not None]
+        flag = " (partial)" if name and any(self.unfinished(d) for d in self.seeds(name)) else ""
         if not values:
             return "not run"
         mean = sum(values) / len(values)
         if len(values) == 1:
-            return f"{100 * mean:.2f}"
+            return f"{100 * mean:.2f}{flag}"
         std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-        return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)})"
+        return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)}){flag}"
 
     def log(self, d):
         return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
 
     def final_acc(self, name):
-        return self.cell([log[-1]["test_acc"] if log else None for log in map(self.log, self.seeds(name))])
+        return self.cell([self.marked(name, d, log[-1]["test_acc"]) if log else None
+                          for d, log in ((d, self.log(d)) for d in self.seeds(name))], name)
 
     def per_seed(self, name, file, eps):
-        """{seed: accuracy at ε} from the eval JSON `file` of every seed of run `name`."""
+        """{seed: accuracy at ε} from the eval JSON `file` of every seed of run `name`; a stale one is left out."""
         out = {}
         for d in self.seeds(name):
+            if self.stale(d, file):
+                self.notes.append(f"{os.path.basename(d)}/{file}: stale (the run was retrained after it), left out")
+                continue
+            self.marked(name, d, True)
             for r in self.rows(os.path.join(os.path.basename(d), file), ("eps", "accuracy")):
                 if abs(r["eps"] - eps) < 1e-9:
                     out[int(d.rsplit("-s", 1)[1])] = r["accuracy"]
         return out
 
     def eval_acc(self, name, file, eps):
-        return self.cell(list(self.per_seed(name, file, eps).values()))
+        return self.cell(list(self.per_seed(name, file, eps).values()), name)
 
     def attack(self, file, default):
         """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
         for d in sorted(os.listdir(self.root)):
             rows = self.rows(os.path.join(d, file), ("eps", "accuracy"))
             if rows:
-                aa = (self.json(os.path.join(d, file)) or {}).get("aa", "?")
+                res = self.json(os.path.join(d, file))
+                aa = res.get("aa", "?") if isinstance(res, dict) else "?"
                 return f"PGD-{rows[-1].get('steps')}" if rows[-1].get("attack") == "pgd" else f"AutoAttack ({aa})"
         return default
 
@@ -1975,10 +2255,60 @@ def stats_section(R, out):
     out += [table(["difference", "per seed", "mean"], diffs), ""]
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, 97.5%, df 1..10
+
+
+def verdict(d):
+    """Issue 16's pre-written rule on paired differences d (points): mean, 95% t-interval, and the reading."""
+    n = len(d)
+    if n < 2:
+        return f"{d[0]:+.2f}" if d else "not run", "", "needs 2 seeds or more"
+    mean = sum(d) / n
+    sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
+    half = (T975[n - 2] if n <= 11 else 1.96) * sd / n ** 0.5
+    lo, hi = mean - half, mean + half
+    if mean >= 1 and lo > 0:
+        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
+    if mean <= 0 and hi < 0.5:
+        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
+    more = next((m for m in range(n + 1, 101) if (T975[m - 2] if m <= 11 else 1.96) * sd / m ** 0.5 < abs(mean)), None)
+    return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", (
+        f"undecided: about {more} seeds would exclude 0" if more else "undecided at any number of seeds near this mean")
+
+
+def regime_section(R, out):
+    """The overfitting-regime study of run_all.sh's `regime` stage: per arm, mean ± std and paired differences."""
+    found = [re.match(r"cifar10-preactresnet18-regime-bn-e(\d+)-s\d+$", d) for d in sorted(os.listdir(R.root))]
+    big_e = next((int(m.group(1)) for m in found if m), None)
+    if big_e is None:
+        return
+    name = "cifar10-preactresnet18-regime-{}".format
+    out += ["## Study: where BN overfits (run_all.sh stage `regime`)", "", f"*Question:* does RobMask beat BN and "
+            f"AdvProp in clean accuracy where BN fits its training set? E = {big_e} epochs; paired over seeds.", ""]
+    for tag, eps, label in (("eps8", 8 / 255, "ε_max 8/255, PGD-7"), ("eps2", 2 / 255, "ε_max 2/255, PGD-2")):
+        arms = [("BN", f"bn-e{big_e}"), ("AdvProp", f"advprop-{tag}-e{big_e}"), ("RobMask", f"robmask-{tag}-e{big_e}"),
+                (f"RobMask, E/5 = {big_e // 5} epochs", f"robmask-{tag}-e{big_e // 5}"),
+                ("BN, RobMask's wall time", f"bn-{tag}-matched")]
+        rows, clean = [], {}
+        for lbl, v in arms:
+            clean[v] = R.per_seed(name(v), "eval-clean.json", 0.0)
+            logs = [log for log in map(R.log, R.seeds(name(v))) if log]
+            rows.append([lbl, R.cell(list(clean[v].values())), R.eval_acc(name(v), f"eval-pgd20-{tag}.json", eps),
+                         R.cell([log[-1].get("train_acc") for log in logs]), ", ".join(str(len(log)) for log in logs) or "-"])
+        out += [f"### {label}", "", table(["method", "clean, u(0), whole test set", f"PGD-20 {round(eps * 255)}/255, "
+                                           "matched mask", "final train acc", "epochs per seed"], rows), ""]
+        diffs = []
+        for (a, b) in ((2, 0), (2, 1), (3, 0), (2, 4)):
+            x, y = clean[arms[a][1]], clean[arms[b][1]]
+            d = [100 * (x[s] - y[s]) for s in sorted(set(x) & set(y))]
+            diffs.append((f"{arms[a][0]} − {arms[b][0]}", ", ".join(f"{v:+.2f}" for v in d) or "not run", *verdict(d)))
+        out += [table(["difference (points)", "per seed", "mean", "95% t-interval", "reading"], diffs), ""]
+
+
 def cmd_report(args):
     if not os.path.isdir(args.runs):
         die(f"{args.runs} is not a folder; pass the runs folder that run_all.sh wrote (e.g. runs/quick)")
-    path = check_out(args.out or os.path.join(args.runs, "RESULTS.md"))
+    path = check_out(args.out or os.path.join(args.runs, "RESULTS.md"), "report", args.force)
     R, eps8 = Runs(args.runs), 8 / 255
     out = ["# Results", "", f"Built by `python robmask.py report {args.runs}` from the runs in that folder. "
            "Accuracies in %. \"not run\" marks a run that is missing; several seeds show mean ± std.", ""]
@@ -2030,8 +2360,12 @@ def cmd_report(args):
             "*Paper's claim:* both use two forwards and one backward per step; 870 s (AdvProp) vs 890 s (RobMask).", "",
             table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
     stats_section(R, out)
+    regime_section(R, out)
     figs = [(f, os.path.join("figures", f)) for f in ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png",
                                                       "table2-tradeoff.png", "stats-curves.png")]
+    if R.notes:  # what is not final, said once per run
+        out += ["## Not final", "", "Cells marked (partial) include runs that stopped before their last epoch; stale "
+                "evaluations were left out:", ""] + [f"- {n}" for n in dict.fromkeys(R.notes)] + [""]
     out += ["## Figures", ""] + [f"- [{f}]({p})" if os.path.isfile(os.path.join(args.runs, p)) else f"- {f}: not run"
                                  for f, p in figs]
     atomic_write(path, lambda f: f.write(("\n".join(out) + "\n").encode()))
@@ -2076,7 +2410,7 @@ def number(kind, lo, hi=math.inf):
 
 
 positive_int, nonneg_int, unit_float, nonneg_float = number(int, 1), number(int, 0), number(float, 0, 1), number(float, 0)
-seed_int = number(int, 0, 2**63 - 1)
+seed_int = number(int, 0, 2**31 - 1)  # seeds derived from it (seed·100003 + ...) stay within torch's range
 
 
 def device_name(text):
@@ -2165,6 +2499,8 @@ def make_parser():
     t.add_argument("--epochs", type=nonneg_int, default=100)
     t.add_argument("--batch-size", type=number(int, 2), default=128, help="global batch size")
     t.add_argument("--lr", type=nonneg_float, default=0.1)
+    t.add_argument("--warmup", type=nonneg_float, default=0, metavar="EPOCHS",
+                   help="linear learning-rate warm-up before the cosine schedule (default 0, the paper's)")
     t.add_argument("--momentum", type=number(float, 0, 1), default=0.9)
     t.add_argument("--wd", type=nonneg_float, default=5e-4)
     t.add_argument("--seed", type=seed_int, default=0)
@@ -2197,6 +2533,7 @@ def make_parser():
         p.add_argument("--recalibrate", type=positive_int, metavar="N", help="precise BN: re-estimate the statistics "
                        "on N training images at each mask first (the checkpoint is not changed)")
         p.add_argument("--device", type=device_name)
+        p.add_argument("--amp", action="store_true", help="bf16 autocast for the forwards and the PGD attack")
     e.add_argument("--attack", choices=("none", "pgd", "autoattack"), default="pgd")
     e.add_argument("--eps", type=parse_list(parse_eps), default=[8 / 255], help="comma list, e.g. 0,4/255,8/255")
     e.add_argument("--steps", type=nonneg_int, default=100)
@@ -2241,14 +2578,24 @@ def make_parser():
     for k in (k1, k4, k3, kt):
         k.add_argument("--out", required=True, help="PNG file")
 
+    c = sub.add_parser("cost", help="FLOPs and GPU-hours per stage of a `run_all.sh --dry-run` output")
+    c.add_argument("commands", help="a file holding run_all.sh --dry-run's output")
+
     r = sub.add_parser("report", help="RESULTS.md from a runs folder written by run_all.sh")
     r.add_argument("runs")
     r.add_argument("--out", help="default RUNS/RESULTS.md")
+    for w in (e, o, x, b, k1, k4, k3, kt, r):  # a writer replaces only its own kind of file, unless forced
+        w.add_argument("--force", action="store_true", help="replace an --out file that robmask did not write")
     return top
 
 
 def validate(args):
-    """Checks that need more than one flag at a time (argparse has done the single-flag ones)."""
+    """Checks that need more than one flag at a time (argparse has done the single-flag ones). --check runs
+    exactly these: a command refuses nothing later that does not need its files."""
+    if args.command == "finetune-bn" and args.freeze_stats and args.params == "stats":
+        die("--freeze-stats with --params stats would change nothing: drop one of them")
+    if args.command == "export" and args.mask == "matched":
+        die("export folds one fixed mask: use --mask clean or a number p in [0, 1]")
     if args.command == "train":
         if args.method not in METHODS:
             die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
@@ -2268,6 +2615,8 @@ def validate(args):
             die(f"--width {args.width} is too small for {args.arch}: it needs at least {MIN_WIDTH[args.arch]}")
         if args.dataset == "synthetic" and args.data_dir:
             die("--data-dir is not used with --dataset synthetic (built-in data); drop it, or pick the dataset it holds")
+        if args.warmup > args.epochs:
+            die(f"--warmup {args.warmup:g} is longer than --epochs {args.epochs}; warm up for at most the whole run")
         if args.fix_p is not None and "p" not in METHODS[args.method][2]:
             die(f"--fix-p applies to methods that draw p (robmask, advprop-random), not {args.method}")
         if args.bn_stats == "split" and unfed_bases(args):
@@ -2294,12 +2643,29 @@ def given_flags(parser, argv):
 
 
 COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval, "tradeoff": cmd_tradeoff,
-            "export": cmd_export, "bench": cmd_bench, "plot": cmd_plot, "report": cmd_report}
+            "export": cmd_export, "bench": cmd_bench, "cost": cmd_cost, "plot": cmd_plot, "report": cmd_report}
+
+
+def threading_main():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a timeout, a scheduler): handled as Ctrl-C is, so that a run that has not saved cleans up."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv=None):
     parser = make_parser()
     code, args = 0, None
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading_main() else None
     try:
         args = parser.parse_args(argv)
         validate(args)
@@ -2314,15 +2680,18 @@ def main(argv=None):
         code = 2
     except SystemExit as e:  # --help
         code = e.code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         training = args is not None and args.command in ("train", "finetune-bn")
         if training and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
             msg = ("the last checkpoint (end of the last finished epoch) is intact: run the same command with "
                    "--resume to continue")
         else:
             msg = "nothing was saved" + (" (no epoch had finished)" if training else ": run the command again")
-        print(f"robmask: interrupted; {msg}", file=sys.stderr, flush=True)
-        code = 130
+        print(f"robmask: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; {msg}", file=sys.stderr, flush=True)
+        code = 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if dist.is_initialized():
         dist.destroy_process_group()
         # Leave without tearing down the interpreter: gloo's worker threads can still hold Python

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # run_all.sh: every CIFAR and ImageNet experiment of the RobMask paper, as robmask.py commands.
 #
+#   bash run_all.sh --smoke      on a GPU machine, first: does everything work here? (about 3 minutes, one line per part)
 #   bash run_all.sh [--quick] [--dry-run] [--only STAGE[,STAGE...]]
 #                   [--data DIR] [--data100 DIR] [--imagenet DIR] [--nproc N] [--runs DIR]
 #
@@ -23,6 +24,12 @@
 #           shared, three seeds, one architecture, data and schedule; clean accuracy at u(0) on the full test
 #           set, PGD-20 at 8/255 on a balanced 1000 with the clean and the matched mask; robmask mixed also
 #           with --recalibrate (precise BN)
+#   regime  the overfitting-regime study (issue 16, not in the paper): bn, advprop and robmask with one schedule of
+#           E epochs long enough for BN to fit its training set, in two arms (ε_max 8/255 with PGD-7, the paper's;
+#           2/255 with PGD-2, where AdvProp reported gains), robmask also at E/5 epochs (the paper's convergence
+#           claim), and BN given robmask's wall time (more epochs: E x the measured time ratio); 3 paired seeds.
+#           Each run: clean accuracy at u(0) on the whole test set, PGD-20 at the arm's ε with the matched mask on
+#           a balanced 1000, and the final training accuracy (in log.jsonl)
 # Then `robmask.py report` writes RUNS/RESULTS.md.
 #
 # Settings (a flag beats the environment variable):
@@ -33,9 +40,10 @@
 #   NPROC     processes for the ImageNet torchrun (default: the number of GPUs, or 1)
 #   RUNS      output folder (default runs/full, or runs/quick with --quick)
 #   PY        the Python to use (default .venv/bin/python if present, else python3)
-#   FAST      training speed flags (default "--amp --channels-last"; FAST= turns them off)
+#   FAST      training speed flags (default "--amp --channels-last", plus --compile where nvidia-smi lists a GPU;
+#             FAST= turns them off)
 #   With --quick only: SMALL (model/data size of table3/7/8), R18 (of the ResNet-18 tables), LONG, SHORT
-#   (their epochs), R18_EPOCHS.
+#   (their epochs), R18_EPOCHS, REGIME (data/model of `regime`), REGIME_EPOCHS.
 # A dataset whose folder does not exist is skipped, with a message; `mkdir -p data/cifar10 data/cifar100`
 # lets torchvision download CIFAR on a machine that is online.
 #
@@ -45,7 +53,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0 DRY=0 ONLY=""
+QUICK=0 DRY=0 SMOKE=0 ONLY=""
 value() {  # value FLAG "$@": the flag's value, or a one-line error when it has none
   [[ $# -ge 2 && -n $2 && $2 != --* ]] || { echo "run_all.sh: $1 needs a value (see --help)" >&2; exit 2; }
 }
@@ -53,6 +61,7 @@ while (($#)); do
   case $1 in
     --quick) QUICK=1 ;;
     --dry-run) DRY=1 ;;
+    --smoke) SMOKE=1 ;;
     --only) value "$@"; ONLY=$2; shift ;;
     --data) value "$@"; DATA=$2; shift ;;
     --data100) value "$@"; DATA100=$2; shift ;;
@@ -64,17 +73,61 @@ while (($#)); do
   esac
   shift
 done
-ALL="table1 fig1 fig4 table2 table3 table4 table5 table6 table7 table8 fig3 timing stats"
+ALL="table1 fig1 fig4 table2 table3 table4 table5 table6 table7 table8 fig3 timing stats regime"
+ONLY_GIVEN=$ONLY
+ONLY=$(echo "$ONLY" | tr ' ' ',' | tr -s ',' | sed 's/^,//; s/,$//')  # "table1 table2", "table1,,table2": the same
 for s in ${ONLY//,/ }; do
   [[ " $ALL " == *" $s "* ]] || { echo "run_all.sh: unknown stage $s; stages: $ALL" >&2; exit 2; }
 done
+if [[ -n $ONLY_GIVEN && -z $ONLY ]]; then
+  echo "run_all.sh: --only '$ONLY_GIVEN' names no stage; stages: $ALL" >&2; exit 2
+fi
 DATA=${DATA:-data/cifar10} DATA100=${DATA100:-data/cifar100} IMAGENET=${IMAGENET:-data/imagenet}
 if [[ -z ${PY:-} ]]; then [[ -x .venv/bin/python ]] && PY=.venv/bin/python || PY=python3; fi
 if [[ -z ${NPROC:-} ]]; then NPROC=$( (nvidia-smi -L 2>/dev/null || true) | wc -l); ((NPROC > 0)) || NPROC=1; fi
 [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: --nproc/NPROC must be a positive integer, not '$NPROC'" >&2; exit 2; }
 
+if ((SMOKE)); then  # the CUDA tests, then a tiny synthetic pipeline through every GPU code path, with --compile
+  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null || {
+    echo "run_all.sh --smoke: no CUDA device is visible here (torch.cuda.is_available() is False); the smoke check is for GPU machines"
+    exit 1; }
+  S=${RUNS:-runs/smoke} FAILED=0
+  mkdir -p "$S"
+  export TORCH_LOGS=recompiles  # a recompilation as p changes would show in the train log
+  part() {  # part NAME COMMAND...: one verdict line; the output goes to $S/NAME.log
+    local t0=$SECONDS
+    if "${@:2}" > "$S/$1.log" 2>&1; then echo "smoke: $1 ok ($((SECONDS - t0)) s)"
+    else echo "smoke: $1 FAILED ($((SECONDS - t0)) s): see $S/$1.log"; FAILED=1; fi
+  }
+  TINY=(--dataset synthetic --width 8 --subset 512 --test-n 256 --batch-size 128 --attack-steps 3)
+  part cuda-tests "$PY" -m pytest -q -m cuda test_robmask.py
+  part train "$PY" robmask.py train "${TINY[@]}" --epochs 2 --method robmask --amp --channels-last --compile --force \
+    --out "$S/cifar10-preactresnet18-robmask-long-s0"
+  CK=$S/cifar10-preactresnet18-robmask-long-s0/checkpoint.pt
+  part recompiles bash -c "! grep -i 'recompil' '$S/train.log'"
+  part eval-pgd "$PY" robmask.py eval "$CK" --attack pgd --eps 0,8/255 --steps 10 --mask matched --amp --out "$S/eval-pgd.json"
+  part eval-autoattack "$PY" robmask.py eval "$CK" --attack autoattack --aa-version custom --aa-attacks apgd-ce --eps 8/255 \
+    --n 64 --mask matched --out "$S/eval-aa.json"
+  part tradeoff "$PY" robmask.py tradeoff "$CK" --p 0,0.5,1 --steps 5 --amp --out "$S/tradeoff.json"
+  rm -f "$S/exported.pt"
+  part export "$PY" robmask.py export "$CK" --mask clean --out "$S/exported.pt"
+  part bench "$PY" robmask.py bench --amp --channels-last --compile --steps 5 --out "$S/bench.json"
+  part report "$PY" robmask.py report "$S" --out "$S/RESULTS.md"
+  ((FAILED)) && echo "run_all.sh --smoke: some parts failed (logs in $S)" || echo "run_all.sh --smoke: all parts passed (logs in $S)"
+  exit $FAILED
+fi
+
 # bf16 autocast and channels_last: about 2x faster on GPUs and on CPUs with bf16 units (measured by bench)
-read -r -a FAST <<< "${FAST---amp --channels-last}"
+# On GPUs also --compile: the masked layer turns a ResNet-18 training forward into 411 small aten ops (111 with
+# plain BN), which leaves a GPU waiting on kernel launches; torch.compile fuses them into 3 graphs, and p changes
+# no graph (u is a buffer, an input to the graph). Judged without a GPU: op counts and graph breaks counted on
+# the CPU, and no recompilation in the CPU test; the smoke check shows whether it recompiles on yours.
+# TF32 and cudnn.benchmark are set by robmask.py itself whenever it runs on CUDA. Evaluation runs under --amp
+# on GPUs (EVAL_AMP; PGD-100 in bf16), in fp32 on CPUs, where the published CPU numbers came from.
+GPUS=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
+DEFAULT_FAST="--amp --channels-last" EVAL_AMP=()
+((GPUS > 0)) && DEFAULT_FAST+=" --compile" && EVAL_AMP=(--amp)
+read -r -a FAST <<< "${FAST-$DEFAULT_FAST}"
 # Scale. Full: the paper's settings. Quick: the same pipeline at CPU scale (2 cores: about 45 minutes for the paper's stages, plus about 2 hours for `stats`),
 # most of the time going to table1/table2, whose effect needs an adversarial ResNet-18 of width 16
 # trained on about 10k images for 8 epochs.
@@ -90,6 +143,10 @@ if ((QUICK)); then
   # the stats study: 15 runs in about 100 minutes on 2 cores (measured: 223 img/s for a two-branch step)
   read -r -a STATS <<< "${STATS:---width 16 --subset 8000 --test-n 1000}"
   STATS_EPOCHS=${STATS_EPOCHS:-8} RECAL=2000
+  # regime: BN fits a 4,000-image balanced subset (>= 99% training accuracy) in REGIME_EPOCHS (measured first:
+  # results/regime-cpu/STUDY.md, calibration)
+  read -r -a REGIME <<< "${REGIME:---width 16 --subset 4000 --test-n 1000}"
+  REGIME_EPOCHS=${REGIME_EPOCHS:-40}
 else
   RUNS=${RUNS:-runs/full}
   R18=() SMALL=() R18_EPOCHS=100 LONG=100 SHORT=20 FT_EPOCHS=5
@@ -97,6 +154,7 @@ else
   AA=(--aa-version standard --n 1000) AA_SWEEP=$SWEEP
   IMNET=(--epochs 105 --batch-size 256)
   STATS=() STATS_EPOCHS=100 RECAL=10000
+  REGIME=() REGIME_EPOCHS=100
 fi
 FIG=$RUNS/figures
 STAGE=setup
@@ -105,7 +163,7 @@ run() {  # print a command (shell-quoted: copy-paste safe), then run it (not wit
   local a line="+"
   for a; do [[ $a =~ ^[][A-Za-z0-9_./:=,+@%-]+$ ]] && line+=" $a" || line+=" ${a@Q}"; done
   echo "$line"
-  ((DRY)) && return 0
+  ((DRY)) && { echo "$line" >> "$COSTLOG"; return 0; }
   "$@" || { echo "run_all.sh: stage $STAGE failed: $*" >&2; exit 1; }
 }
 once() {  # once OUTPUT COMMAND...: run COMMAND unless OUTPUT exists already
@@ -146,7 +204,7 @@ stage_table1() {
   have "$DATA" CIFAR-10 || return 0
   table1_models
   for r in bn-long bn-long-ft-adv-affine adv-long adv-long-ft-clean-{affine,gamma,gamma-frozen,beta,stats}; do
-    once "$RUNS/$B-$r-s0/eval.json" "$PY" robmask.py eval "$(ck "$B-$r")" --attack pgd --eps 0,8/255 \
+    once "$RUNS/$B-$r-s0/eval.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$(ck "$B-$r")" --attack pgd --eps 0,8/255 \
       --steps "$PGD_STEPS" --mask clean "${T1_EVAL[@]}" --out "$RUNS/$B-$r-s0/eval.json"
   done
 }
@@ -165,7 +223,7 @@ stage_fig4() {
 stage_table2() {
   have "$DATA" CIFAR-10 || return 0
   table1_models
-  once "$RUNS/table2-tradeoff.json" "$PY" robmask.py tradeoff "$(ck "$B-adv-long")" "$(ck "$B-adv-long-ft-clean-affine")" \
+  once "$RUNS/table2-tradeoff.json" "$PY" robmask.py tradeoff "${EVAL_AMP[@]}" "$(ck "$B-adv-long")" "$(ck "$B-adv-long-ft-clean-affine")" \
     --p 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --eps 8/255 --steps "$PGD_STEPS" "${T1_EVAL[@]}" --out "$RUNS/table2-tradeoff.json"
   once "$FIG/table2-tradeoff.png" "$PY" robmask.py plot tradeoff "$RUNS/table2-tradeoff.json" --out "$FIG/table2-tradeoff.png"
 }
@@ -199,7 +257,7 @@ stage_table5() {
   have "$DATA" CIFAR-10 || return 0
   table5_models
   for m in adv advprop robmask; do
-    once "$RUNS/$B-$m-long-s0/eval-pgd.json" "$PY" robmask.py eval "$(ck "$B-$m-long")" --attack pgd --eps "$SWEEP" \
+    once "$RUNS/$B-$m-long-s0/eval-pgd.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$(ck "$B-$m-long")" --attack pgd --eps "$SWEEP" \
       --steps "$PGD_STEPS" --mask matched "${EVAL[@]}" --out "$RUNS/$B-$m-long-s0/eval-pgd.json"
   done
 }
@@ -208,7 +266,7 @@ stage_table6() {
   table5_models
   r18 robmask-eps10 robmask --eps-max 10/255
   for m in adv advprop robmask robmask-eps10; do
-    once "$RUNS/$B-$m-long-s0/eval-aa.json" "$PY" robmask.py eval "$(ck "$B-$m-long")" --attack autoattack \
+    once "$RUNS/$B-$m-long-s0/eval-aa.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$(ck "$B-$m-long")" --attack autoattack \
       --eps "$AA_SWEEP" "${AA[@]}" --mask matched --out "$RUNS/$B-$m-long-s0/eval-aa.json"
   done
 }
@@ -227,10 +285,10 @@ stage_fig3() {
 stage_timing() { have "$DATA" CIFAR-10 || return 0; densenet_models advprop robmask; }  # report reads log.jsonl
 stats_eval() {  # stats_eval RUN SUFFIX [EXTRA...]: clean on the whole test set, PGD-20 with both masks
   local d=$RUNS/$1 sfx=$2 mask; shift 2
-  once "$d/eval-clean$sfx.json" "$PY" robmask.py eval "$d/checkpoint.pt" --attack none --mask clean "$@" \
+  once "$d/eval-clean$sfx.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$d/checkpoint.pt" --attack none --mask clean "$@" \
     --out "$d/eval-clean$sfx.json"
   for mask in clean matched; do
-    once "$d/eval-pgd20-$mask$sfx.json" "$PY" robmask.py eval "$d/checkpoint.pt" --attack pgd --eps 8/255 --steps 20 \
+    once "$d/eval-pgd20-$mask$sfx.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$d/checkpoint.pt" --attack pgd --eps 8/255 --steps 20 \
       --n 1000 --mask "$mask" "$@" --out "$d/eval-pgd20-$mask$sfx.json"
   done
 }
@@ -251,13 +309,47 @@ stage_stats() {  # seed-major, so that an interrupted study has whole seeds
   once "$FIG/stats-curves.png" "$PY" robmask.py plot curves "$RUNS"/cifar10-preactresnet18-stats-{bn,advprop,robmask-mixed,robmask-split,robmask-shared}-s0 \
     --out "$FIG/stats-curves.png"
 }
+matched_epochs() {  # matched_epochs BN_RUN OTHER_RUN: BN's epochs for OTHER's training wall time (from the logs)
+  ((DRY)) && { echo "$((REGIME_EPOCHS * 8))"; return 0; }  # a placeholder: the real number needs the two logs
+  "$PY" -c 'import json, sys
+sec = [sum(json.loads(l)["seconds"] for l in open(f"{d}/log.jsonl")) for d in sys.argv[1:3]]
+print(max(1, round(int(sys.argv[3]) * sec[1] / sec[0])))' "$RUNS/$1" "$RUNS/$2" "$REGIME_EPOCHS"
+}
+regime_eval() {  # regime_eval RUN EPS TAG: clean at u(0) on the whole test set, PGD-20 at EPS, matched mask
+  local d=$RUNS/$1
+  once "$d/eval-clean.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$d/checkpoint.pt" --attack none --mask clean --out "$d/eval-clean.json"
+  once "$d/eval-pgd20-$3.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$d/checkpoint.pt" --attack pgd --eps "$2" --steps 20 --n 1000 \
+    --mask matched --out "$d/eval-pgd20-$3.json"
+}
+stage_regime() {  # seed-major, so that an interrupted study has whole paired seeds
+  have "$DATA" CIFAR-10 || return 0
+  local seed arm eps steps tag m e r=cifar10-preactresnet18-regime base
+  for seed in 0 1 2; do
+    base=(--arch preactresnet18 "${C10[@]}" "${REGIME[@]}" --seed "$seed")
+    train "$r-bn-e$REGIME_EPOCHS-s$seed" "${base[@]}" --epochs "$REGIME_EPOCHS" --method bn
+    for arm in eps8:8/255:7 eps2:2/255:2; do
+      IFS=: read -r tag eps steps <<< "$arm"
+      regime_eval "$r-bn-e$REGIME_EPOCHS-s$seed" "$eps" "$tag"
+      for m in advprop:$REGIME_EPOCHS robmask:$REGIME_EPOCHS robmask:$((REGIME_EPOCHS / 5)); do
+        IFS=: read -r m e <<< "$m"
+        train "$r-$m-$tag-e$e-s$seed" "${base[@]}" --epochs "$e" --method "$m" --eps-max "$eps" --attack-steps "$steps"
+        regime_eval "$r-$m-$tag-e$e-s$seed" "$eps" "$tag"
+      done
+      e=$(matched_epochs "$r-bn-e$REGIME_EPOCHS-s0" "$r-robmask-$tag-e$REGIME_EPOCHS-s0")
+      train "$r-bn-$tag-matched-s$seed" "${base[@]}" --epochs "$e" --method bn
+      regime_eval "$r-bn-$tag-matched-s$seed" "$eps" "$tag"
+    done
+  done
+}
 
 start=$(date +%s)
 echo "run_all.sh: $( ((QUICK)) && echo quick || echo full ) scale, RUNS=$RUNS, DATA=$DATA, DATA100=$DATA100, IMAGENET=$IMAGENET, NPROC=$NPROC"
 ((DRY)) || mkdir -p "$RUNS" "$FIG"  # a dry run creates nothing
+((DRY)) && { COSTLOG=$(mktemp); trap 'rm -f "$COSTLOG"' EXIT; }
 for STAGE in $ALL; do
   [[ -z $ONLY || ",$ONLY," == *",$STAGE,"* ]] || continue
   echo "== stage $STAGE"
+  ((DRY)) && echo "== stage $STAGE" >> "$COSTLOG"
   t0=$(date +%s)
   "stage_$STAGE"
   ((DRY)) || echo "[$STAGE] done in $(($(date +%s) - t0)) s"
@@ -265,4 +357,7 @@ done
 STAGE=report
 echo "== report"
 run "$PY" robmask.py report "$RUNS"
+if ((DRY)); then  # what the stages above would cost, from FLOPs counted on their models (robmask.py cost)
+  "$PY" robmask.py cost "$COSTLOG" 2>&1 | sed 's/^/# /'
+fi
 ((DRY)) || echo "run_all.sh: finished in $(($(date +%s) - start)) s"
