@@ -146,7 +146,7 @@ if ((QUICK)); then
   # regime: BN fits a 4,000-image balanced subset (>= 99% training accuracy) in REGIME_EPOCHS (measured first:
   # results/regime-cpu/STUDY.md, calibration)
   read -r -a REGIME <<< "${REGIME:---width 16 --subset 4000 --test-n 1000}"
-  REGIME_EPOCHS=${REGIME_EPOCHS:-40}
+  REGIME_EPOCHS=${REGIME_EPOCHS:-100}
 else
   RUNS=${RUNS:-runs/full}
   R18=() SMALL=() R18_EPOCHS=100 LONG=100 SHORT=20 FT_EPOCHS=5
