@@ -15,8 +15,8 @@ Where the paper lives in the code (one home per symbol):
   W, W'   MaskedBatchNorm2d.W and .Wp: k rows of γ bases and β bases
   u       MaskedBatchNorm2d.u, set for a whole model by set_mask(); computed by encode()
   γ, β    computed in MaskedBatchNorm2d.forward as Σ_j u_j w_j and Σ_j u_j w'_j
-  ε_i     a branch's strength × args.eps_max, in _method_loss() (the library's method_loss checks and restores)
-  p       drawn once per mini-batch in _method_loss() (or fixed by --fix-p), from train_epoch's generator
+  ε_i     a branch's strength × args.eps_max, in method_loss()
+  p       drawn once per mini-batch in method_loss() (or fixed by --fix-p), from train_epoch's generator
 
 Speed and scale (details where they are used):
   * CIFAR-sized data lives on the training device as uint8; crop+flip run there, batch by batch
@@ -290,23 +290,32 @@ def set_mask(model, u, adversarial=False):
 
 
 @contextlib.contextmanager
+def kept(model):
+    """Leaves `model` as it was found, also when the body raises: every module's train/eval mode (a caller's
+    frozen BN stays frozen), each masked layer's u, stat_w and update_stats. u is rebound, never written in
+    place, so a forward run inside keeps the u its backward needs."""
+    modes, layers = [(m, m.training) for m in model.modules()], masked_layers(model)
+    saved = [(m.u, m.stat_w, m.update_stats) for m in layers]
+    try:
+        yield layers
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m, (u, stat_w, update) in zip(layers, saved):
+            m.u, m.stat_w, m.update_stats = u, stat_w, update
+
+
+@contextlib.contextmanager
 def attack_bn_mode(model, mode):
     """BN behaviour while PGD runs inside a training step (--attack-bn):
     'eval' : use the running statistics (what TRADES, OAT and most AdvProp ports do);
     'train': use the batch statistics but leave the running statistics untouched."""
-    modes, layers = [(m, m.training) for m in model.modules()], masked_layers(model)
-    updates = [m.update_stats for m in layers]
-    if mode == "eval":
-        model.eval()
-    for m in layers:
-        m.update_stats = False
-    try:
+    with kept(model) as layers:
+        if mode == "eval":
+            model.eval()
+        for m in layers:
+            m.update_stats = False
         yield
-    finally:  # every module's mode as it was (a caller's frozen BN stays in eval mode)
-        for m, training in modes:
-            m.training = training
-        for m, update in zip(layers, updates):
-            m.update_stats = update
 
 
 class FixedMask(nn.Module):
@@ -483,29 +492,6 @@ class BranchLoss(nn.Module):
         return loss
 
 
-def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_steps=7, attack_bn="eval", k=None,
-                args=None, amp=contextlib.nullcontext, loss_module=None, generator=None):
-    """The library API: a step's summed loss of `method` on a batch, attacks included, for any model that
-    went through convert_masked_bn (k bases). Algorithm 1, lines 3-7 and the loss of lines 8-10: draw p
-    (p=None), attack each branch with its own mask u_i at ε_i = strength·ε_max, forward all branches.
-    Call .backward() and step your optimizer. `args` (an argparse namespace) replaces the keywords for the
-    CLI; `loss_module` is BranchLoss(model), possibly inside DistributedDataParallel."""
-    if args is None:  # the library: check what the CLI's parser would have checked
-        check_method_args(method, p, eps_max, attack_steps, attack_bn, k)
-        check_pixels(x)
-        args = argparse.Namespace(method=method, k=k, fix_p=None, robmask_adv_only=False, eps_max=eps_max,
-                                  attack_steps=attack_steps, attack_bn=attack_bn)
-    layers = masked_layers(model, required=True)
-    modes, masks = [(m, m.training) for m in model.modules()], [(m, m.u, m.stat_w, m.update_stats) for m in layers]
-    try:
-        return _method_loss(model, x, y, p, args, amp, loss_module, generator)
-    finally:  # the caller's model as it was: every module's train/eval mode, and the mask (a forward's u stays saved)
-        for m, training in modes:
-            m.training = training
-        for m, u, stat_w, update in masks:
-            m.u, m.stat_w, m.update_stats = u, stat_w, update
-
-
 def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
     def bad(name, value, want):
         raise ValueError(f"method_loss: {name}={value!r}; {want}")
@@ -524,28 +510,41 @@ def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
         bad("k", k, "an integer >= 1, or None")
 
 
-def _method_loss(model, x, y, p, args, amp, loss_module, generator):
+def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_steps=7, attack_bn="eval", k=None,
+                args=None, amp=contextlib.nullcontext, loss_module=None, generator=None):
+    """The library API: a step's summed loss of `method` on a batch, attacks included, for any model that
+    went through convert_masked_bn (k bases). Algorithm 1, lines 3-7 and the loss of lines 8-10: draw p
+    (p=None), attack each branch with its own mask u_i at ε_i = strength·ε_max, forward all branches.
+    Call .backward() and step your optimizer. `args` (an argparse namespace) replaces the keywords for the
+    CLI; `loss_module` is BranchLoss(model), possibly inside DistributedDataParallel."""
+    if args is None:  # the library: check what the CLI's parser would have checked
+        check_method_args(method, p, eps_max, attack_steps, attack_bn, k)
+        check_pixels(x)
+        args = argparse.Namespace(method=method, k=k, fix_p=None, robmask_adv_only=False, eps_max=eps_max,
+                                  attack_steps=attack_steps, attack_bn=attack_bn)
     if num_bases(model) != method_k(args):
         raise ValueError(f"the model has k={num_bases(model)} bases but {args.method} needs {method_k(args)}: "
                          f"convert_masked_bn(model, k={method_k(args)})")
-    if p is None:  # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
-        p = torch.rand((), generator=generator, device="cpu").item() if method_draws_p(args) else args.fix_p
-    xs, us, advs = [], [], []
-    for strength, u in branches(args, p, masked_layers(model)[0].W.device):
-        eps_i = strength * args.eps_max  # ε_i ← p·ε_max
-        if eps_i > 0:  # the clean branch (ε=0) is never attacked
-            set_mask(model, u)  # attack with the branch's own mask
-            with attack_bn_mode(model, args.attack_bn), amp():
-                x_i = pgd(model, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True), check=False)
-        else:
-            x_i = x
-        xs.append(x_i)
-        us.append(u)
-        advs.append(eps_i > 0)
-    if getattr(args, "freeze_stats", False):  # finetune-bn --freeze-stats: normalise with the running stats
-        for m in masked_layers(model):
-            m.eval()
-    return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)
+    with kept(model) as layers:  # the caller gets its model back as it gave it: modes and mask
+        if p is None:  # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
+            p = torch.rand((), generator=generator, device="cpu").item() if method_draws_p(args) else args.fix_p
+        xs, us, advs = [], [], []
+        for strength, u in branches(args, p, layers[0].W.device):
+            eps_i = strength * args.eps_max  # ε_i ← p·ε_max
+            if eps_i > 0:  # the clean branch (ε=0) is never attacked
+                set_mask(model, u)  # attack with the branch's own mask
+                with attack_bn_mode(model, args.attack_bn), amp():
+                    x_i = pgd(model, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True),
+                              check=False)
+            else:
+                x_i = x
+            xs.append(x_i)
+            us.append(u)
+            advs.append(eps_i > 0)
+        if getattr(args, "freeze_stats", False):  # finetune-bn --freeze-stats: normalise with the running stats
+            for m in layers:
+                m.eval()
+        return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)
 
 
 def train_step(net, step_module, opt, x, y, p, args, amp=contextlib.nullcontext, p_gen=None):
@@ -1014,6 +1013,14 @@ def json_keys(path):
     return set(obj) if isinstance(obj, dict) else set()
 
 
+def head(path, n):
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
 def own_export(path):
     """An earlier export: a robmask checkpoint that says so, or a torchvision state_dict with its own sidecar."""
     if {"arch", "u", "source"} <= json_keys(path + ".json"):
@@ -1028,8 +1035,7 @@ def own_export(path):
 # What each writer recognises as a file it wrote itself, and may replace without --force
 OWN = {"results": lambda p: bool({"rows", "step_seconds"} & json_keys(p)),  # eval, tradeoff, bench
        "sidecar": lambda p: {"arch", "u", "source"} <= json_keys(p), "export": own_export,
-       "png": lambda p: open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n",
-       "report": lambda p: open(p, "rb").read(10) == b"# Results\n"}
+       "png": lambda p: head(p, 8) == b"\x89PNG\r\n\x1a\n", "report": lambda p: head(p, 10) == b"# Results\n"}
 
 
 def check_out(path, kind, force=False, flag="--out"):
@@ -1591,7 +1597,7 @@ def recalibrated(model, ck, args, data, cache, u, eps_r):
         t0 = time.time()
         b = math.ceil(args.recalibrate / math.ceil(args.recalibrate / args.batch_size))  # equal batches, ≤ N in all
         if data.steps_per_epoch(b) * b < args.recalibrate:  # say (and record) how many images there really were
-            have = len(data.y_train) if hasattr(data, "y_train") else len(data.train_set)
+            have = data.steps_per_epoch(1)  # the training set's size
             b = min(b, have)
             warn(f"--recalibrate {args.recalibrate}: the training set has only {have} images; recalibrating on "
                  f"{data.steps_per_epoch(b) * b} of them")
@@ -1905,6 +1911,8 @@ def cmd_cost(args):
     since small CIFAR convolutions reach far less than 40% of a GPU's peak."""
     import shlex
 
+    if not os.path.isfile(args.commands):
+        die(f"{args.commands} is not a file; save `bash run_all.sh --dry-run` output there first")
     sizes = dict(cifar10=(50_000, 10_000), cifar100=(50_000, 10_000), imagenet=(1_281_167, 50_000), synthetic=(2_560, 512))
     runs, pieces, totals, stage, seen = {}, {}, {}, None, set()
     for line in open(args.commands, encoding="utf-8"):
@@ -2138,11 +2146,9 @@ class Runs:
             return False  # (evaluations written before run_id existed are taken as they are)
         return res["run_id"] != run_id(a, rows)
 
-    def marked(self, name, d, value):
-        note = self.unfinished(d)
-        if note and value is not None:
-            self.notes.append(f"{os.path.basename(d)}: {note}")
-        return value
+    def note_unfinished(self, d):
+        if self.unfinished(d):
+            self.notes.append(f"{os.path.basename(d)}: {self.unfinished(d)}")
 
     def seeds(self, name):
         """Run directories name-s0, name-s1, ... that hold a log."""
@@ -2187,8 +2193,9 @@ class Runs:
         return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
 
     def final_acc(self, name):
-        return self.cell([self.marked(name, d, log[-1]["test_acc"]) if log else None
-                          for d, log in ((d, self.log(d)) for d in self.seeds(name))], name)
+        for d in self.seeds(name):
+            self.note_unfinished(d)
+        return self.cell([log[-1]["test_acc"] if log else None for log in map(self.log, self.seeds(name))], name)
 
     def per_seed(self, name, file, eps):
         """{seed: accuracy at ε} from the eval JSON `file` of every seed of run `name`; a stale one is left out."""
@@ -2197,7 +2204,7 @@ class Runs:
             if self.stale(d, file):
                 self.notes.append(f"{os.path.basename(d)}/{file}: stale (the run was retrained after it), left out")
                 continue
-            self.marked(name, d, True)
+            self.note_unfinished(d)
             for r in self.rows(os.path.join(os.path.basename(d), file), ("eps", "accuracy")):
                 if abs(r["eps"] - eps) < 1e-9:
                     out[int(d.rsplit("-s", 1)[1])] = r["accuracy"]

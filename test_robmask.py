@@ -2117,7 +2117,7 @@ def test_report_marks_partial_runs_and_leaves_out_stale_evaluations(tmp_path, ca
     assert "42.00 (partial)" in text and "cifar10-preactresnet18-bn-long-s0: partial: 1/5 ep" in text
 
 
-def test_cost_sums_counted_flops_per_stage_and_counts_a_shared_run_once(tmp_path):
+def test_cost_sums_counted_flops_per_stage_and_counts_a_shared_run_once(tmp_path, capsys):
     train_line = "+ python robmask.py train --dataset synthetic --width 4 --epochs 2 --method adv --attack-steps 3 --out r/a"
     eval_line = "+ python robmask.py eval r/a/checkpoint.pt --attack pgd --eps 0,8/255 --steps 5 --n 100 --out r/a/e.json"
     path = tmp_path / "dry.txt"
@@ -2128,3 +2128,5 @@ def test_cost_sums_counted_flops_per_stage_and_counts_a_shared_run_once(tmp_path
     want = 2 * 2560 * (train + 3 * attack) + 100 * (train / 3) + 100 * (train / 3 + 5 * attack)
     assert totals["one"][0] == pytest.approx(want) and totals["one"][2] == 2
     assert totals["two"] == [0.0, 0.0, 0]  # its run was counted in stage one
+    capsys.readouterr()
+    one_line_error(capsys, cli("cost", tmp_path / "missing.txt"), "missing.txt", "dry-run")
