@@ -3,54 +3,39 @@
 A reference implementation of "Adversarial Masking: Towards Understanding Robustness Trade-off for
 Generalization" (RobMask). The paper is the spec; read this file top to bottom and you meet it in order:
 
-  §2  Preliminaries ...... PGD, the inner maximisation of adversarial training (pgd)
-                           batch norm split into normalisation and rescaling (MaskedBatchNorm2d)
-  §3  Adversarial masking . BN rescaling + ReLU acts as a feature mask; fine-tune only BN to move along the
-                           clean/robust trade-off (finetune-bn), and mix two maskings with a slider (tradeoff)
-  §4  RobMask ............ encode ε into u, combine k bases W, W' (encode), methods as branch lists
-                           (METHODS), one step of Algorithm 1 (train_step)
+  §2  Preliminaries ...... PGD, the inner maximisation of adversarial training (pgd); batch norm split into
+                           normalisation and rescaling, with k bases for the rescaling (MaskedBatchNorm2d)
+  §3  Adversarial masking . fine-tune only BN to move along the clean/robust trade-off (BN_PARTS), and mix two
+                           maskings with a slider: the layer with k=2 and u=[1-p, p]
+  §4  RobMask ............ methods as branch lists (METHODS), Algorithm 1 quoted and implemented (method_loss)
   §5  Experiments ........ models, data, the training loop, eval (PGD-100, AutoAttack), bench, plots, report
+  then the plumbing (checkpoint files, run folders, the command line), which a reader may skip.
 
 Where the paper lives in the code (one home per symbol):
   W, W'   MaskedBatchNorm2d.W and .Wp: k rows of γ bases and β bases
   u       MaskedBatchNorm2d.u, set for a whole model by set_mask(); computed by encode()
   γ, β    computed in MaskedBatchNorm2d.forward as Σ_j u_j w_j and Σ_j u_j w'_j
-  ε_i     a branch's strength × args.eps_max, in method_loss()
-  p       drawn once per mini-batch in method_loss() (or fixed by --fix-p), from train_epoch's generator
+  ε_i     a branch's strength × eps_max, in method_loss() (Algorithm 1, line 4)
+  p       drawn once per mini-batch in method_loss() (Algorithm 1, line 3), from train_epoch's seeded generator
+  ε_max, PGD steps, α, k, the schedule: the paper's constants, in one block below the imports
 
 Speed and scale (details where they are used):
-  * CIFAR-sized data lives on the training device as uint8; crop+flip run there, batch by batch
-    (DeviceData). No DataLoader workers. ImageNet uses a DataLoader with workers (LoaderData).
-  * The attack never computes weight gradients: parameters are frozen while PGD runs (pgd).
-  * The attack updates one preallocated x_adv in place; the clean branch is never attacked.
+  * CIFAR-sized data lives on the device as uint8, cropped and flipped there (DeviceData); ImageNet: DataLoader.
+  * The attack computes no weight gradient (pgd) and updates one x_adv in place; the clean branch is never attacked.
   * One backward per step for all branches (BranchLoss), so DDP sees one forward and one backward.
-  * --amp (bf16 autocast), --channels-last, --compile (nn.Module.compile, state_dict keys unchanged).
-  * torchrun: each process takes its slice of the global batch; rank 0 logs and checkpoints.
-  * On CUDA: no host sync inside a steady training step (the epoch's random numbers move once per epoch,
-    u is built on the device, sums stay there, the loss is checked every FINITE_EVERY steps);
-    cudnn.benchmark and TF32 on. Tested on the CPU under fake CUDA tensors (test_robmask.py).
+  * --amp (bf16 autocast), --channels-last, --compile; torchrun: each process takes its slice of the global batch.
+  * On CUDA: no host sync inside a steady training step (the epoch's random numbers move once, u is built on the
+    device, the loss is checked every FINITE_EVERY steps); cudnn.benchmark and TF32. Tested under fake CUDA tensors.
+
+Evidence (measured on 2 CPU cores, AMD EPYC, no GPU; results/ holds the logs): PreActResNet-18 width 16, 8,000
+CIFAR-10 images, 8 epochs, 3 seeds: clean accuracy at u(0) BN 55.38, AdvProp 45.77, RobMask 46.15 (results/stats-cpu);
+a training step of RobMask costs AdvProp's (bench: 1.007). Where BN overfits: results/regime-cpu/STUDY.md.
 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
         python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched
-        python robmask.py --help
-"""
-import argparse
-import contextlib
-import copy
-import functools
-import gc
-import hashlib
-import itertools
-import json
-import math
-import os
-import pickle
-import re
-import stat
-import sys
-import tempfile
-import time
-
+        python robmask.py --help"""
+import argparse, contextlib, copy, functools, gc, hashlib, itertools, json, math, os  # noqa: E401
+import pickle, re, stat, sys, tempfile, time  # noqa: E401
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -58,27 +43,27 @@ import torch.nn.functional as F
 
 FORMAT = "robmask/1"  # written into every checkpoint; anything else is refused as foreign
 
-
-# =============================================================================================
-# §0  Errors. Bad input gets one line on stderr and exit status 2, never a traceback.
-# =============================================================================================
 class UserError(Exception):
-    """A problem with what the user asked for. main() prints it as one line and exits 2."""
-
+    """A problem with what the user asked for. main() prints it as one line and exits 2, never a traceback."""
 
 def die(msg):
     raise UserError(msg)
-
 
 def log(*a, **kw):
     """Print on rank 0 only, so that torchrun jobs don't print every line N times."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **kw, flush=True)
 
-
 def warn(msg):
     log(f"robmask: warning: {msg}", file=sys.stderr)
 
+# The paper's constants (§5), one home each: the parser, method_loss and bench read them from here.
+EPS_MAX = 8 / 255  # ε_max: the largest perturbation strength trained on (§4, §5), in pixel units of [0,1] images
+ATTACK_STEPS = 7  # PGD steps of the training attack (§5)
+ALPHA_DIV = 5  # PGD step size α = ε/5 (§5)
+K = 2  # RobMask's number of bases W, W' (§5: "we set k = 2 and ε_max = 8/255")
+LR, MOMENTUM, WD, BATCH, EPOCHS = 0.1, 0.9, 5e-4, 128, 100  # SGD with a cosine schedule (§5); 100 epochs (Table 3)
+BN_STATS, DEFAULT_BN_STATS = ("mixed", "split", "shared"), "mixed"  # not in the paper: see MaskedBatchNorm2d
 
 # =============================================================================================
 # §2  Preliminaries: adversarial training and batch normalisation
@@ -88,29 +73,21 @@ def warn(msg):
 # steps of size α, each followed by a projection back onto the ε-ball (and onto [0,1], since the
 # models here take pixels in [0,1]: the dataset mean/std live inside the model, see Normalize).
 @torch.enable_grad()  # the attack needs ∂ℓ/∂x, even when called under no_grad
-def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True, check=True):
-    """L∞ untargeted PGD with a uniform random start. Returns x_adv with |x_adv-x|∞ ≤ ε, in [0,1].
-
-    model  : anything mapping x in [0,1] to logits. Set the mask (set_mask) and the BN mode first:
-             the attack uses whatever the model is set to, so each branch attacks with its own u.
-    alpha  : step size, ε/5 by default (paper §5).
-    freeze_params: turn off requires_grad on the parameters while attacking, so that backward never
-             computes a weight gradient (the attack needs ∂ℓ/∂x only). False reproduces the common
-             implementation (loss.backward() with weight gradients computed and then thrown away);
-             it exists for `bench`, which measures what freezing saves.
-    check  : refuse images outside [0,1] (already normalised ones would break the ε-ball promise); it reads
-             the batch on the host, so the training and evaluation loops, whose data are pixels, skip it.
-    """
+def pgd(model, x, y, eps, alpha=None, steps=ATTACK_STEPS, freeze_params=True, check=True):
+    """L∞ untargeted PGD with a uniform random start: x_adv with |x_adv-x|∞ ≤ ε, in [0,1]. The model attacked is
+    as set (mask u, BN mode): each branch attacks with its own u. alpha: ε/5 by default (§5). freeze_params: no
+    weight gradient is ever computed (the attack needs ∂ℓ/∂x only); False is the common implementation, which
+    `bench` compares. check: refuse images outside [0,1] (it reads them on the host; the loops skip it)."""
     if check:
         check_pixels(x)
     if eps == 0 or steps == 0:
         return x
-    alpha = eps / 5 if alpha is None else alpha
+    alpha = eps / ALPHA_DIV if alpha is None else alpha
     lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)  # the feasible box: ε-ball ∩ [0,1]
     x_adv = torch.empty_like(x).uniform_(-eps, eps).add_(x).clamp_(lo, hi).requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params if freeze_params else []:
-        p.requires_grad_(False)
+    weights = [w for w in model.parameters() if w.requires_grad]
+    for w in weights if freeze_params else []:
+        w.requires_grad_(False)
     try:
         for _ in range(steps):
             loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
@@ -123,12 +100,11 @@ def pgd(model, x, y, eps, alpha=None, steps=7, freeze_params=True, check=True):
                 x_adv.add_(grad.sign(), alpha=alpha).clamp_(lo, hi)
             x_adv.grad = None
     finally:
-        for p in params if freeze_params else []:
-            p.requires_grad_(True)
+        for w in weights if freeze_params else []:
+            w.requires_grad_(True)
         if not freeze_params:
             model.zero_grad(set_to_none=True)
     return x_adv.detach()
-
 
 def check_pixels(x):
     if not (torch.is_tensor(x) and x.is_floating_point()):
@@ -137,25 +113,34 @@ def check_pixels(x):
         raise ValueError(f"images must be pixels in [0,1] (the model normalises them itself; see Normalize), but they "
                          f"span [{x.min().item():.3g}, {x.max().item():.3g}]: pass unnormalised images")
 
-
-# Batch normalisation (Ioffe & Szegedy), §2:  O = γ·(I - μ)/sqrt(σ² + eps) + β, per channel.
-# The paper splits it into two operations: *normalisation* (μ, σ², from the batch in training
-# and from running averages at test time) and *rescaling* (γ, β). §3.1 shows that fine-tuning
-# only the BN layers moves a model along the clean/robust trade-off, and that it is γ (not μ, σ)
-# that changes: rescaling followed by ReLU zeroes some channels and magnifies others, a *mask*.
-#
-# §4 (RobMask) makes the rescaling a function of the perturbation strength ε_i: with an
-# encoding u_i ∈ R^k of ε_i and k learnt bases,  γ_i = Σ_j u_ij w_j  and  β_i = Σ_j u_ij w'_j,
-# i.e. γ_i = u_i W, β_i = u_i W' for low-rank matrices W, W' (k × C).
-#
-# One layer serves every method in the paper:
+# Batch normalisation (Ioffe & Szegedy), §2:  O = γ·(I - μ)/sqrt(σ² + eps) + β, per channel. The paper splits it
+# into *normalisation* (μ, σ²: the batch's in training, running averages at test time) and *rescaling* (γ, β).
+# §3.1 finds that fine-tuning only BN moves a model along the clean/robust trade-off, through γ (not μ, σ²):
+# rescaling followed by ReLU zeroes some channels and magnifies others, a *mask*. §3.2 mixes two maskings,
+# (1-p)(γ, β) + p(γ', β'); §4 generalises: with an encoding u ∈ R^k of the perturbation strength and k learnt
+# bases, γ = Σ_j u_j w_j and β = Σ_j u_j w'_j, i.e. γ = u W, β = u W' (W, W': k × C). One layer serves every method:
 #   k=1, u=[1]            is nn.BatchNorm2d (standard training and Madry adversarial training)
 #   k=2, u∈{e1,e2}        is AdvProp's dual BN: two independent BatchNorm2d
 #   k=3, u one-hot        is the multi-BN ablation of Table 7
-#   k=2, u=[1-p, p]       is RobMask
-# The paper masks only the rescaling and leaves the running statistics (μ, σ²) open. We offer three
-# readings (--bn-stats), because the choice biases exactly the paper's headline metric, clean accuracy
-# at u(0):
+#   k=2, u=[1-p, p]       is §3.2's slider, and RobMask
+#
+# The encoding (§4): a strength p = ε/ε_max becomes u ∈ R^k by "hat" functions over k evenly spaced anchors
+# a_j = j/(k-1) in [0,1]: u_j = max(0, 1 - (k-1)|p - a_j|). For k=2 that is the paper's u = (1-p)·u_0 + p·u_max
+# = [1-p, p]. AdvProp-style methods keep their BNs separate ("onehot"): the clean BN at p=0, else the
+# adversarial basis whose anchor is nearest to p. A layer starts at u(0), the clean mask.
+def encode(p, k, onehot=False, device=None):
+    """u(p) ∈ R^k, built on `device` by kernels that take p as a number: no copy from the host, no wait."""
+    if k == 1:
+        return torch.ones(1, device=device)
+    p = min(max(float(p), 0.0), 1.0)  # strengths beyond ε_max use the ε_max mask
+    if onehot:
+        j = 0 if p == 0 else 1 + int(torch.argmin((torch.linspace(0, 1, k)[1:] - p).abs()))  # on the host
+        return (torch.arange(k, device=device) == j).float()
+    anchors = torch.linspace(0, 1, k, device=device)
+    return (1 - (p - anchors).abs() * (k - 1)).clamp(min=0)
+
+# The paper masks only the rescaling and leaves the running statistics (μ, σ²) open. The layer offers three
+# readings (--bn-stats), because the choice biases exactly the paper's headline metric, clean accuracy at u(0):
 #   mixed : every basis j keeps its own statistics, moved by momentum·u_j; evaluation mixes them by u.
 #           Flaw: RobMask's adversarial branch at u=[1-p, p] also moves the *clean* basis, by (1-p).
 #   split : the clean branch (ε=0) alone moves the clean basis (row 0); an adversarial branch moves only
@@ -167,34 +152,18 @@ def check_pixels(x):
 # PreActResNet-18 width 16, 8,000 CIFAR-10 images, 8 epochs, 3 seeds, clean accuracy at u(0) on 10k images):
 # mixed 46.15 ± 1.49, shared 45.61 ± 0.43, split 34.82 ± 20.08 (one seed of three diverged). mixed is best
 # and keeps AdvProp's own two sets of statistics; recalibrating its clean basis (precise BN) gains +0.09.
-BN_STATS = ("mixed", "split", "shared")
-DEFAULT_BN_STATS = "mixed"
-
-
-def stat_weights(u, mode, adversarial):
-    """How far each row of running statistics moves toward a training batch's statistics (× momentum)."""
-    if mode == "shared":
-        return torch.ones(1, device=u.device)
-    if mode == "split" and len(u) > 1:
-        if not adversarial:  # the clean branch moves the clean basis (row 0) alone
-            return (torch.arange(len(u), device=u.device) == 0).float()
-        w = torch.cat([u.new_zeros(1), u[1:]])  # an adversarial branch: its u over the adversarial rows
-        return w / w.sum()
-    return u
-
-
 class MaskedBatchNorm2d(nn.Module):
     """BatchNorm2d with k bases for the affine rescaling, and k rows of running statistics (1 if shared).
 
     Parameters: W (k×C) holds the γ bases w_j, Wp (k×C) the β bases w'_j (the paper's W').
-    Buffers: running_mean, running_var (k×C, or 1×C for --bn-stats shared); u (k,), the current
-    encoding, and stat_w, how far each row of statistics moves in training; set_mask() sets both for
-    the whole model before a forward (neither is saved in checkpoints).
-    """
+    Buffers: running_mean, running_var (k×C, or 1×C for --bn-stats shared); u (k,), the current encoding.
+    set_mask() gives every layer u and whether the batch is adversarial before a forward (neither is saved
+    in checkpoints); the layer's own `stats` rule decides how far each row of statistics moves.
+    bn_eps is BatchNorm2d's eps, the variance floor (not an attack's ε)."""
 
-    def __init__(self, num_features, k=1, eps=1e-5, momentum=0.1, stats="mixed"):
+    def __init__(self, num_features, k=1, bn_eps=1e-5, momentum=0.1, stats=DEFAULT_BN_STATS):
         super().__init__()
-        self.num_features, self.k, self.eps, self.momentum, self.stats = num_features, k, eps, momentum, stats
+        self.num_features, self.k, self.bn_eps, self.momentum, self.stats = num_features, k, bn_eps, momentum, stats
         rows = 1 if stats == "shared" else k
         self.W = nn.Parameter(torch.ones(k, num_features))  # γ bases, initialised like BN's γ=1
         self.Wp = nn.Parameter(torch.zeros(k, num_features))  # β bases (W'), like BN's β=0
@@ -202,8 +171,20 @@ class MaskedBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(rows, num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("u", encode(0.0, k), persistent=False)
-        self.register_buffer("stat_w", stat_weights(encode(0.0, k), stats, False), persistent=False)
+        self.adversarial = False  # is the batch of the next training forward adversarial (ε > 0)?
         self.update_stats = True  # False: normalise with batch stats but leave running stats alone
+
+    @staticmethod
+    def stat_weights(u, stats, adversarial):
+        """How far each row of running statistics moves toward a training batch's statistics (× momentum)."""
+        if stats == "shared":
+            return torch.ones(1, device=u.device)
+        if stats == "split" and len(u) > 1:
+            if not adversarial:  # the clean branch moves the clean basis (row 0) alone
+                return (torch.arange(len(u), device=u.device) == 0).float()
+            w = torch.cat([u.new_zeros(1), u[1:]])  # an adversarial branch: its u over the adversarial rows
+            return w / w.sum()
+        return u
 
     def mix(self, bases):
         """Σ_j u_j · bases[j]: γ from W, β from W' and, in evaluation, μ and σ² from the bases' running
@@ -211,37 +192,36 @@ class MaskedBatchNorm2d(nn.Module):
         return (self.u[:, None] * bases).sum(0)
 
     def eval_stats(self):
-        """(μ, σ²) for evaluation: one set of statistics as it is, else the u-mixture of the rows."""
-        if len(self.running_mean) == 1:
+        """(μ, σ²) for evaluation: one set of statistics (shared) as it is, else the u-mixture of the rows."""
+        if self.stats == "shared":
             return self.running_mean[0], self.running_var[0]
         return self.mix(self.running_mean), self.mix(self.running_var)
 
     def forward(self, x):
-        gamma = self.mix(self.W)  # γ = Σ_j u_j w_j   (Algorithm 1: γ_i ← Σ_j u_ij w_j)
-        beta = self.mix(self.Wp)  # β = Σ_j u_j w'_j  (Algorithm 1: β_i ← Σ_j u_ij w'_j)
+        gamma = self.mix(self.W)  # γ = Σ_j u_j w_j   (Algorithm 1, line 11)
+        beta = self.mix(self.Wp)  # β = Σ_j u_j w'_j  (Algorithm 1, line 11)
         if not self.training:
-            return F.batch_norm(x, *self.eval_stats(), gamma, beta, False, 0.0, self.eps)
+            return F.batch_norm(x, *self.eval_stats(), gamma, beta, False, 0.0, self.bn_eps)
         if not self.update_stats:  # e.g. a PGD attack in train-BN mode: batch stats, no update
-            return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.eps)
+            return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.bn_eps)
         # Training: normalise with the batch statistics. With momentum=1 the kernel writes the batch
         # mean and unbiased variance into these two scratch tensors, so we get them without a second
-        # pass over x; each row then moves toward them by momentum·stat_w_j. With k=1, u=[1] that is
+        # pass over x; each row then moves toward them by momentum·stat_weights_j. With k=1, u=[1] that is
         # exactly BatchNorm2d's update (up to float rounding: PyTorch mixes in double on the CPU).
         batch_mean = torch.zeros(self.num_features, device=x.device, dtype=self.running_mean.dtype)
         batch_var = torch.zeros_like(batch_mean)
-        out = F.batch_norm(x, batch_mean, batch_var, gamma, beta, True, 1.0, self.eps)
+        out = F.batch_norm(x, batch_mean, batch_var, gamma, beta, True, 1.0, self.bn_eps)
         with torch.no_grad():
-            w = self.momentum * self.stat_w[:, None]  # a row with weight 0 stays put
+            w = self.momentum * self.stat_weights(self.u, self.stats, self.adversarial)[:, None]  # weight 0: stays put
             self.running_mean.mul_(1 - w).add_(w * batch_mean)
             self.running_var.mul_(1 - w).add_(w * batch_var)
             self.num_batches_tracked.add_(1)
         return out
 
     def extra_repr(self):
-        return f"{self.num_features}, k={self.k}, eps={self.eps}, momentum={self.momentum}, stats={self.stats}"
+        return f"{self.num_features}, k={self.k}, bn_eps={self.bn_eps}, momentum={self.momentum}, stats={self.stats}"
 
-
-def convert_masked_bn(module, k=1, stats="mixed"):
+def convert_masked_bn(module, k=1, stats=DEFAULT_BN_STATS):
     """Swap every nn.BatchNorm2d in `module` for a MaskedBatchNorm2d with k bases, each basis a copy
     of the BatchNorm2d's γ, β and running stats (in the spirit of SyncBatchNorm.convert_sync_batchnorm).
     Models are written once with ordinary BatchNorm2d; this turns them into any method's model."""
@@ -262,7 +242,6 @@ def convert_masked_bn(module, k=1, stats="mixed"):
         module.add_module(name, convert_masked_bn(child, k, stats))
     return module
 
-
 def masked_layers(model, required=False):
     layers = [m for m in model.modules() if isinstance(m, MaskedBatchNorm2d)]
     if required and not layers:
@@ -270,40 +249,35 @@ def masked_layers(model, required=False):
                          "on a model with nn.BatchNorm2d first")
     return layers
 
-
 def num_bases(model):
     return masked_layers(model, required=True)[0].k
 
-
 def set_mask(model, u, adversarial=False):
     """Give every masked BN layer of `model` the encoding u (a length-k vector) for the next forward,
-    and, for training, whether the batch is adversarial (ε > 0: only --bn-stats split asks).
+    and, for training, whether the batch is adversarial (ε > 0; the layer's --bn-stats rule may ask).
     u is rebound, never written in place: a branch's forward saves its u for the backward pass, and
     the next branch must not overwrite it before the single backward of the step (BranchLoss)."""
     layers = masked_layers(model, required=True)
     u = torch.as_tensor(u, dtype=torch.float32).to(layers[0].W.device)
     if u.shape != (layers[0].k,):
         raise ValueError(f"mask u has shape {tuple(u.shape)}, the model has k={layers[0].k} bases")
-    stat_w = stat_weights(u, layers[0].stats, adversarial)
     for m in layers:
-        m.u, m.stat_w = u, stat_w
-
+        m.u, m.adversarial = u, adversarial
 
 @contextlib.contextmanager
 def kept(model):
     """Leaves `model` as it was found, also when the body raises: every module's train/eval mode (a caller's
-    frozen BN stays frozen), each masked layer's u, stat_w and update_stats. u is rebound, never written in
-    place, so a forward run inside keeps the u its backward needs."""
+    frozen BN stays frozen), each masked layer's u, adversarial flag and update_stats. u is rebound, never
+    written in place, so a forward run inside keeps the u its backward needs."""
     modes, layers = [(m, m.training) for m in model.modules()], masked_layers(model)
-    saved = [(m.u, m.stat_w, m.update_stats) for m in layers]
+    saved = [(m.u, m.adversarial, m.update_stats) for m in layers]
     try:
         yield layers
     finally:
         for m, training in modes:
             m.training = training
-        for m, (u, stat_w, update) in zip(layers, saved):
-            m.u, m.stat_w, m.update_stats = u, stat_w, update
-
+        for m, (u, adversarial, update) in zip(layers, saved):
+            m.u, m.adversarial, m.update_stats = u, adversarial, update
 
 @contextlib.contextmanager
 def attack_bn_mode(model, mode):
@@ -316,25 +290,6 @@ def attack_bn_mode(model, mode):
         for m in layers:
             m.update_stats = False
         yield
-
-
-class FixedMask(nn.Module):
-    """x in [0,1] -> logits, always with the mask u: what an attack library (AutoAttack) needs."""
-
-    def __init__(self, model, u):
-        super().__init__()
-        self.model = model
-        self.register_buffer("u", torch.as_tensor(u, dtype=torch.float32, device=masked_layers(model)[0].W.device))
-
-    def forward(self, x):
-        set_mask(self.model, self.u)
-        return self.model(x)
-
-
-def fixed_mask(model, p=0.0, u=None):
-    """The model as a plain classifier with the mask u(p) (or an explicit u)."""
-    return FixedMask(model, encode(p, num_bases(model)) if u is None else u)
-
 
 # =============================================================================================
 # §3  Adversarial masking: the analysis tools
@@ -349,67 +304,25 @@ BN_PARTS = {
     "stats": (),  # no gradient step at all: only the running mean/var are re-estimated
 }
 
-
-def trainable_parameters(model, bn_part=None):
+def trainable_parameters(model, bn_params=None):
     """All parameters, or (for finetune-bn) only the chosen parts of the masked BN layers. The rest
     get requires_grad=False, so they get no gradient, no weight decay and stay bitwise unchanged."""
-    if bn_part is None:
+    if bn_params is None:
         return list(model.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    chosen = [getattr(m, name) for m in masked_layers(model) for name in BN_PARTS[bn_part]]
-    for p in chosen:
-        p.requires_grad_(True)
+    for w in model.parameters():
+        w.requires_grad_(False)
+    chosen = [getattr(m, name) for m in masked_layers(model) for name in BN_PARTS[bn_params]]
+    for w in chosen:
+        w.requires_grad_(True)
     return chosen
 
-
-# §3.2: with two maskings (γ, β) and (γ', β'), the combination (1-p)(γ, β) + p(γ', β') gives a
-# model per p, a trade-off slider without retraining. That is exactly our layer with k=2 and
-# u=[1-p, p], so combine_checkpoints() just stacks the two models' BN layers as the two bases.
-def combine_checkpoints(path_a, path_b, device="cpu"):
-    """A k=2 model whose bases are the BN layers of two k=1 checkpoints that differ only in BN."""
-    (model_a, args_a), (model_b, args_b) = load_checkpoint(path_a, device), load_checkpoint(path_b, device)
-    for key in ("arch", "width", "num_classes"):
-        if args_a[key] != args_b[key]:
-            die(f"{path_a} and {path_b} differ in {key} ({args_a[key]} vs {args_b[key]}); the two-checkpoint "
-                "trade-off needs one architecture, e.g. a model and its finetune-bn copy")
-    if num_bases(model_a) != 1 or num_bases(model_b) != 1:
-        die("the two-checkpoint trade-off combines two single-BN (k=1) checkpoints; for one RobMask or "
-            "AdvProp checkpoint, pass it alone to sweep its own encoding")
-    bn_keys = {f"{n}.{t}" for n, m in model_a.named_modules() if isinstance(m, MaskedBatchNorm2d)
-               for t in ("W", "Wp", "running_mean", "running_var", "num_batches_tracked")}
-    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    for key in sd_a:
-        if key not in bn_keys and not torch.equal(sd_a[key], sd_b[key]):
-            die(f"{path_a} and {path_b} differ outside BN (tensor {key}); the two-checkpoint trade-off needs "
-                "models that differ only in BN, e.g. a model and its finetune-bn copy")
-    model = build_model(args_a["arch"], args_a["num_classes"], 2, args_a["width"], args_a["dataset"])
-    sd = dict(sd_a)
-    for key in bn_keys:
-        sd[key] = sd_a[key] if key.endswith("num_batches_tracked") else torch.cat([sd_a[key], sd_b[key]])
-    model.load_state_dict(sd)
-    return model.to(device).eval(), args_a
-
+# §3.2: with two maskings (γ, β) and (γ', β'), the combination (1-p)(γ, β) + p(γ', β') gives a model per p, a
+# trade-off slider without retraining. That is exactly the masked layer with k=2 and u = encode(p, 2) = [1-p, p]:
+# stacking two models' BN layers as its two bases gives the slider (the `tradeoff` command does, in §5).
 
 # =============================================================================================
 # §4  RobMask
 # =============================================================================================
-# Encoding (§4): a strength ε_i = p·ε_max becomes u ∈ R^k by "hat" functions over k evenly spaced
-# anchors a_j = j/(k-1) in [0,1]: u_j = max(0, 1 - (k-1)|p - a_j|). For k=2 that is the paper's
-# u = (1-p)·u_0 + p·u_max = [1-p, p]. AdvProp-style methods keep their BNs separate ("onehot"):
-# the clean BN at p=0, else the adversarial basis whose anchor is nearest to p.
-def encode(p, k, onehot=False, device=None):
-    """u(p) ∈ R^k, built on `device` by kernels that take p as a number: no copy from the host, no wait."""
-    if k == 1:
-        return torch.ones(1, device=device)
-    p = min(max(float(p), 0.0), 1.0)  # strengths beyond ε_max use the ε_max mask
-    if onehot:
-        j = 0 if p == 0 else 1 + int(torch.argmin((torch.linspace(0, 1, k)[1:] - p).abs()))  # on the host
-        return (torch.arange(k, device=device) == j).float()
-    anchors = torch.linspace(0, 1, k, device=device)
-    return (1 - (p - anchors).abs() * (k - 1)).clamp(min=0)
-
-
 # Methods as data. One training step of any method is a list of branches; a branch is a strength
 # (ε/ε_max, or "p", drawn per mini-batch) with the mask u = encode(strength). The step attacks each
 # branch with its own mask, forwards it, sums the mean CE losses and takes one SGD step.
@@ -422,48 +335,28 @@ METHODS = {
     "advprop-multi": (3, "onehot", (0, 0.5, 1)),  # Table 7: one more auxiliary BN, at ε_max/2
     "robmask": (None, "hat", (0, "p")),  # §4: k from --k; --robmask-adv-only drops the clean branch
 }
+# Why RobMask keeps a clean branch that the literal Algorithm 1 lacks: §5 times RobMask against AdvProp as "two
+# forward and one backward pass" per step each (Timing), which is AdvProp's clean + adversarial step. The clean
+# branch (ε=0, u(0)) is also what trains the clean mask that the headline metric, clean accuracy at u(0), uses.
+# --robmask-adv-only gives Algorithm 1 as written.
 
+def method_k(method, k=None):
+    """The number of bases k that `method` needs (robmask: k, default K)."""
+    return METHODS[method][0] or k or K
 
-def method_k(args):
-    return METHODS[args.method][0] or args.k or 2
+def mask_for(method, p, k=None, device=None):
+    """The encoding u(p) that `method` uses for strength p = ε/ε_max."""
+    return encode(p, method_k(method, k), METHODS[method][1] == "onehot", device)
 
-
-def mask_for(args, p, device=None):
-    """The encoding u(p) that the run's method uses for strength p = ε/ε_max."""
-    return encode(p, method_k(args), METHODS[args.method][1] == "onehot", device)
-
-
-def branch_strengths(args):
-    if args.method == "robmask" and args.robmask_adv_only:  # Algorithm 1 read literally
+def branch_strengths(method, adv_only=False):
+    if method == "robmask" and adv_only:  # Algorithm 1 read literally
         return ("p",)
-    return METHODS[args.method][2]
+    return METHODS[method][2]
 
-
-def branches(args, p, device=None):
-    """[(ε_i/ε_max, u_i), ...] for one mini-batch with the drawn p (Algorithm 1, lines 3-4)."""
-    return [(s, mask_for(args, s, device)) for s in (p if s == "p" else s for s in branch_strengths(args))]
-
-
-def method_draws_p(args):
-    return "p" in METHODS[args.method][2] and args.fix_p is None
-
-
-def unfed_bases(args):
-    """The rows of running statistics that no branch ever moves under --bn-stats split (they would
-    keep their initial μ=0, σ²=1 forever): a drawn p reaches every adversarial row, a fixed one some."""
-    k, fed = method_k(args), set()
-    for s in branch_strengths(args):
-        if s == 0 or args.eps_max == 0:  # ε_i = 0: a clean branch, which feeds the clean row alone
-            fed.add(0)
-            continue
-        if s == "p" and args.fix_p is None:
-            fed |= set(range(1, k))
-            continue
-        s = args.fix_p if s == "p" else s
-        w = stat_weights(mask_for(args, s), "split", s > 0)
-        fed |= {j for j in range(k) if w[j] > 0}
-    return sorted(set(range(k)) - fed)
-
+def branches(method, p, k=None, adv_only=False, device=None):
+    """[(ε_i/ε_max, u_i), ...] for one mini-batch with the drawn p (Algorithm 1, lines 4-5)."""
+    strengths = (p if s == "p" else s for s in branch_strengths(method, adv_only))
+    return [(s, mask_for(method, s, k, device)) for s in strengths]
 
 class BranchLoss(nn.Module):
     """Σ_i mean CE(f(x_i; γ(u_i), β(u_i)), y) over a step's branches, in a single forward.
@@ -491,7 +384,6 @@ class BranchLoss(nn.Module):
         self.last = (torch.stack(ces), hits)
         return loss
 
-
 def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
     def bad(name, value, want):
         raise ValueError(f"method_loss: {name}={value!r}; {want}")
@@ -509,55 +401,75 @@ def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
         bad("k", k, "an integer >= 1, or None")
 
-
-def method_loss(model, x, y, method="robmask", p=None, eps_max=8 / 255, attack_steps=7, attack_bn="eval", k=None,
-                args=None, amp=contextlib.nullcontext, loss_module=None, generator=None):
-    """The library API: a step's summed loss of `method` on a batch, attacks included, for any model that
-    went through convert_masked_bn (k bases). Algorithm 1, lines 3-7 and the loss of lines 8-10: draw p
-    (p=None), attack each branch with its own mask u_i at ε_i = strength·ε_max, forward all branches.
-    Call .backward() and step your optimizer. `args` (an argparse namespace) replaces the keywords for the
-    CLI; `loss_module` is BranchLoss(model), possibly inside DistributedDataParallel."""
-    if args is None:  # the library: check what the CLI's parser would have checked
+# Algorithm 1 of the paper ("The proposed RobMask method for improving model generalization"), numbered here;
+# "line N" anywhere in this file means this numbering.
+#    Input: training dataset {x_i, y_i}, i = 1..n, perturbation upper bound ε_max
+#     1  for epoch = 1, ..., N do
+#     2    for i = 1, ..., B do
+#     3      sample a random number p from 0 to 1
+#     4      ε_i ← p · ε_max                        # the current perturbation strength in this mini-batch
+#     5      u_i ← Encode(ε_i)                      # encode the perturbation strength as a vector
+#     6      δ_i ← 0
+#     7      for j = 1, ..., m do
+#     8        δ_i ← δ_i + α · sign(∇_δ ℓ(f_θ(x_i + δ_i), y_i))      # PGD adversarial attack
+#     9        δ_i ← max(min(δ_i, ε_i), -ε_i)
+#    10      end for
+#    11      γ_i ← Σ_j u_ij w_j,  β_i ← Σ_j u_ij w'_j                # the rescaling parameters in BN
+#    12      W ← W - η_1 ∇_W ℓ(f_θ(x_i + δ_i, γ_i, β_i), y_i)       # update W and W'
+#    13      W' ← W' - η_2 ∇_W' ℓ(f_θ(x_i + δ_i, γ_i, β_i), y_i)
+#    14      θ ← θ - η_3 ∇_θ ℓ(f_θ(x_i + δ_i, γ_i, β_i), y_i)       # update the network parameters θ
+#    15    end for
+#    16  end for
+#    17  return θ, W, W'
+# Here: lines 3-11 are method_loss, generalised to a list of branches (METHODS: RobMask adds the clean branch, ε=0,
+# u_0, and the loss is the sum over branches); lines 12-14 are train_step's one backward and SGD step (η_1 = η_2 =
+# η_3, §5). PGD starts from a uniform random δ (§5: "with random initialization"), and also projects onto [0,1].
+def method_loss(model, x, y, method="robmask", p=None, eps_max=EPS_MAX, attack_steps=ATTACK_STEPS, attack_bn="eval",
+                k=None, fix_p=None, adv_only=False, freeze_params=True, freeze_stats=False, amp=contextlib.nullcontext,
+                loss_module=None, generator=None, check=True):
+    """The library API: a step's summed loss of `method` on a batch, attacks included (Algorithm 1, lines 3-11), for any
+    model that went through convert_masked_bn (k bases). Call .backward() and step your optimizer.
+    p: None draws it per call (line 3); fix_p freezes it (--fix-p); adv_only drops RobMask's clean branch.
+    freeze_params: the attack computes no weight gradient (pgd). freeze_stats: BN normalises with its running
+    statistics (finetune-bn --freeze-stats). loss_module: BranchLoss(model), possibly inside DDP. generator: where p
+    is drawn from. check=False skips the argument checks (the CLI has made them; reading the images would wait)."""
+    if check:
         check_method_args(method, p, eps_max, attack_steps, attack_bn, k)
         check_pixels(x)
-        args = argparse.Namespace(method=method, k=k, fix_p=None, robmask_adv_only=False, eps_max=eps_max,
-                                  attack_steps=attack_steps, attack_bn=attack_bn)
-    if num_bases(model) != method_k(args):
-        raise ValueError(f"the model has k={num_bases(model)} bases but {args.method} needs {method_k(args)}: "
-                         f"convert_masked_bn(model, k={method_k(args)})")
+    if num_bases(model) != method_k(method, k):
+        raise ValueError(f"the model has k={num_bases(model)} bases but {method} needs {method_k(method, k)}: "
+                         f"convert_masked_bn(model, k={method_k(method, k)})")
     with kept(model) as layers:  # the caller gets its model back as it gave it: modes and mask
-        if p is None:  # Algorithm 1, line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
-            p = torch.rand((), generator=generator, device="cpu").item() if method_draws_p(args) else args.fix_p
+        if p is None:  # line 3: p ~ U(0,1) once per mini-batch (or frozen by --fix-p)
+            draws = "p" in METHODS[method][2] and fix_p is None
+            p = torch.rand((), generator=generator, device="cpu").item() if draws else fix_p
         xs, us, advs = [], [], []
-        for strength, u in branches(args, p, layers[0].W.device):
-            eps_i = strength * args.eps_max  # ε_i ← p·ε_max
-            if eps_i > 0:  # the clean branch (ε=0) is never attacked
-                set_mask(model, u)  # attack with the branch's own mask
-                with attack_bn_mode(model, args.attack_bn), amp():
-                    x_i = pgd(model, x, y, eps_i, eps_i / 5, args.attack_steps, getattr(args, "freeze_params", True),
-                              check=False)
+        for strength, u in branches(method, p, k, adv_only, layers[0].W.device):  # line 5: u_i
+            eps_i = strength * eps_max  # line 4: ε_i ← p·ε_max
+            if eps_i > 0:  # lines 6-10, with the branch's own mask; the clean branch (ε=0) is never attacked
+                set_mask(model, u)
+                with attack_bn_mode(model, attack_bn), amp():
+                    x_i = pgd(model, x, y, eps_i, eps_i / ALPHA_DIV, attack_steps, freeze_params, check=False)
             else:
                 x_i = x
             xs.append(x_i)
             us.append(u)
             advs.append(eps_i > 0)
-        if getattr(args, "freeze_stats", False):  # finetune-bn --freeze-stats: normalise with the running stats
+        if freeze_stats:  # finetune-bn --freeze-stats: normalise with the running stats
             for m in layers:
                 m.eval()
-        return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)
+        return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)  # line 11 (inside each forward) and the loss
 
-
-def train_step(net, step_module, opt, x, y, p, args, amp=contextlib.nullcontext, p_gen=None):
-    """One iteration of Algorithm 1 for any method: returns the summed loss (a 0-d tensor)."""
+def train_step(net, loss_module, opt, x, y, amp=contextlib.nullcontext, generator=None, **method):
+    """One iteration of Algorithm 1 for any method (keywords of method_loss): returns the summed loss (a 0-d tensor)."""
     if opt is None:  # finetune-bn --params stats: forward only, to re-estimate the running stats
         with torch.no_grad():
-            return method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module, generator=p_gen)
-    loss = method_loss(net, x, y, p=p, args=args, amp=amp, loss_module=step_module, generator=p_gen)
+            return method_loss(net, x, y, amp=amp, loss_module=loss_module, generator=generator, check=False, **method)
+    loss = method_loss(net, x, y, amp=amp, loss_module=loss_module, generator=generator, check=False, **method)
     opt.zero_grad(set_to_none=True)
-    loss.backward()  # one backward for all branches: W, W' and θ updated together (lines 8-10)
+    loss.backward()  # lines 12-14: one backward for all branches, W, W' and θ updated together
     opt.step()
     return loss.detach()
-
 
 # =============================================================================================
 # §5  Experiments
@@ -573,7 +485,6 @@ MEAN_STD = {
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
 }
 
-
 class Normalize(nn.Module):
     """The model's first layer: (x - mean)/std. Images and attacks live in [0,1] pixel space."""
 
@@ -585,10 +496,8 @@ class Normalize(nn.Module):
     def forward(self, x):
         return (x - self.mean) / self.std
 
-
 def conv(cin, cout, k=3, stride=1, groups=1):
     return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
-
 
 class PreActBlock(nn.Module):  # He et al. 2016b: BN-ReLU-conv, twice; shortcut from the first BN-ReLU
     def __init__(self, cin, cout, stride):
@@ -602,7 +511,6 @@ class PreActBlock(nn.Module):  # He et al. 2016b: BN-ReLU-conv, twice; shortcut 
         skip = x if self.shortcut is None else self.shortcut(out)
         return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
 
-
 class BasicBlock(nn.Module):  # He et al. 2016a: conv-BN-ReLU-conv-BN, add, ReLU
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -614,7 +522,6 @@ class BasicBlock(nn.Module):  # He et al. 2016a: conv-BN-ReLU-conv-BN, add, ReLU
     def forward(self, x):
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         return F.relu(out + self.shortcut(x))
-
 
 class ResNeXtBlock(nn.Module):  # Xie et al. 2017: 1x1, grouped 3x3 (cardinality 2), 1x1 to 2x width
     def __init__(self, cin, width, stride, cardinality=2):
@@ -631,7 +538,6 @@ class ResNeXtBlock(nn.Module):  # Xie et al. 2017: 1x1, grouped 3x3 (cardinality
         out = F.relu(self.bn2(self.conv2(out)))
         return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
-
 class DenseLayer(nn.Module):  # Huang et al.: BN-ReLU-1x1(4g)-BN-ReLU-3x3(g), concatenated to the input
     def __init__(self, cin, growth):
         super().__init__()
@@ -642,11 +548,9 @@ class DenseLayer(nn.Module):  # Huang et al.: BN-ReLU-1x1(4g)-BN-ReLU-3x3(g), co
         out = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
         return torch.cat([out, x], 1)
 
-
 class Transition(nn.Sequential):  # BN-ReLU-1x1 conv-2x2 average pool, halving the channels
     def __init__(self, cin, cout):
         super().__init__(nn.BatchNorm2d(cin), nn.ReLU(), conv(cin, cout, 1), nn.AvgPool2d(2))
-
 
 def stages(block, cin, widths, depths, expansion=1):
     """Residual stages: the first block of every stage after the first downsamples by 2."""
@@ -656,7 +560,6 @@ def stages(block, cin, widths, depths, expansion=1):
             layers.append(block(cin, w, 2 if i > 0 and b == 0 else 1))
             cin = w * expansion
     return layers, cin
-
 
 def cifar_body(arch, width):
     """(layers, feature channels) of a CIFAR model; the caller adds pooling and the classifier."""
@@ -683,27 +586,21 @@ def cifar_body(arch, width):
         return layers + [nn.BatchNorm2d(c), nn.ReLU()], c
     raise ValueError(arch)
 
-
 ARCHS = ("preactresnet18", "resnet18", "resnext29", "densenet121")
 MIN_WIDTH, MAX_WIDTH, MAX_K = {"densenet121": 2}, 512, 16  # densenet's growth rate is width/2
 ARCH_ALIASES = {"resnext": "resnext29", "resnext29_2x64d": "resnext29", "preactresnet": "preactresnet18"}
 
-
 def torchvision_archs():
     """torchvision's classification models (resnet50, efficientnet_b0, ...): any of them, for image folders."""
     import torchvision
-
     return torchvision.models.list_models(module=torchvision.models)
 
-
-def build_model(arch, num_classes, k=1, width=64, dataset="cifar10", bn_stats="mixed"):
-    """The network for `arch`, with its BN layers as MaskedBatchNorm2d(k, bn_stats) and Normalize first.
-    --dataset imagenet (any image-folder data) takes torchvision's model of that name, at its own width."""
-    arch = ARCH_ALIASES.get(arch, arch)
+def plain_model(arch, num_classes, width=64, dataset="cifar10"):
+    """Normalize, then the network for `arch` with ordinary BatchNorm2d. --dataset imagenet (any image-folder data)
+    takes torchvision's model of that name, at its own width."""
     mean, std = MEAN_STD.get(dataset, MEAN_STD["cifar10"])
     if dataset == "imagenet":
         import torchvision
-
         # googlenet and inception_v3 add auxiliary classifiers whose outputs training would have to weigh in; the
         # paper's method has one loss per branch, so they are built without them (main logits only)
         aux = dict(aux_logits=False, init_weights=True) if arch in ("googlenet", "inception_v3") else {}
@@ -711,20 +608,21 @@ def build_model(arch, num_classes, k=1, width=64, dataset="cifar10", bn_stats="m
     else:
         layers, c = cifar_body(arch, width)
         body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
-    model = convert_masked_bn(nn.Sequential(Normalize(mean, std), body), k, bn_stats)
+    return nn.Sequential(Normalize(mean, std), body)
+
+def build_model(arch, num_classes, k=1, width=64, dataset="cifar10", bn_stats=DEFAULT_BN_STATS):
+    """The network for `arch`, with its BN layers as MaskedBatchNorm2d(k, bn_stats) and Normalize first."""
+    model = convert_masked_bn(plain_model(ARCH_ALIASES.get(arch, arch), num_classes, width, dataset), k, bn_stats)
     if not masked_layers(model):
         die(f"{arch} has no BatchNorm2d: RobMask masks BN's rescaling (γ, β), so it needs a model with BN "
             "(ViTs and ConvNeXts use LayerNorm)")
     return model
 
-
 def count_params(model):
-    return sum(p.numel() for p in model.parameters())
-
+    return sum(w.numel() for w in model.parameters())
 
 # ---- 5.2 Data --------------------------------------------------------------------------------
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-
 
 def balanced_order(labels):
     """Indices that visit the classes round-robin (class 0's first, class 1's first, ...). Any
@@ -739,13 +637,11 @@ def balanced_order(labels):
     order = table.t().flatten()
     return order[order >= 0]
 
-
 def subset_indices(labels, n):
     """A fixed class-balanced subset of size n (all of them for n=None or n ≥ len)."""
     if not n or n >= len(labels):
         return torch.arange(len(labels))
     return balanced_order(labels)[:n].sort().values
-
 
 def list_image_folder(root):
     """(paths, labels, classes) of root/<class>/<image>; non-image files are skipped with a warning."""
@@ -766,13 +662,11 @@ def list_image_folder(root):
         die(f"no images found under {root}; expected {root}/<class>/<name>.png or .jpg")
     return paths, torch.tensor(labels), classes
 
-
 def decode_images(paths, labels):
     """Decode files to one uint8 tensor (N,3,H,W). Unreadable files are skipped with a warning, here,
     before training, so that a bad file can never crash an epoch halfway."""
     import numpy as np
     from PIL import Image
-
     images, keep = [], []
     for i, path in enumerate(paths):
         try:
@@ -789,7 +683,6 @@ def decode_images(paths, labels):
             "reader needs one size (use --dataset imagenet for resized ImageFolder data)")
     return torch.stack(images), labels[keep]
 
-
 def synthetic_data(n_train=2560, n_test=512, num_classes=10, size=32):
     """A small learnable dataset made in memory, for tests and CI: every class is a smooth random
     colour pattern, every image that pattern plus noise. Fixed seed: the same data for every run."""
@@ -803,26 +696,22 @@ def synthetic_data(n_train=2560, n_test=512, num_classes=10, size=32):
 
     return (*make(n_train), *make(n_test), [str(c) for c in range(num_classes)])
 
-
 def cifar_arrays(args):
     """(x_train, y_train, x_test, y_test, classes) as uint8/int64 CPU tensors for cifar10/cifar100."""
-    root = args.data_dir or "data"
+    root, sizes = args.data_dir or "data", (args.subset, args.test_n)
     if args.data_dir and not os.path.isdir(root):
         die(f"--data-dir {root} does not exist; point it at CIFAR (torchvision's files or train/ and test/ "
             "class folders), or create it so that torchvision can download CIFAR into it")
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        out, classes = [], []
-        for split, n in (("train", args.subset), ("test", args.test_n)):
-            paths, labels, c = list_image_folder(os.path.join(root, split))
-            classes.append(c)
+    if all(os.path.isdir(os.path.join(root, split)) for split in ("train", "test")):
+        listed, out = [list_image_folder(os.path.join(root, split)) for split in ("train", "test")], []
+        check_classes(listed[0][2], listed[1][2], root, "test")
+        for (paths, labels, _), n in zip(listed, sizes):
             idx = subset_indices(labels, n)  # choose first, decode only what is used
-            out += [*decode_images([paths[i] for i in idx], labels[idx])]
-        check_classes(*classes, root, "test")
-        return (*out, classes[0])
+            out += decode_images([paths[i] for i in idx], labels[idx])
+        return (*out, listed[0][2])
     import torchvision
-
-    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    folder = "cifar-10-batches-py" if args.dataset == "cifar10" else "cifar-100-python"
+    cls, folder = ((torchvision.datasets.CIFAR10, "cifar-10-batches-py") if args.dataset == "cifar10"
+                   else (torchvision.datasets.CIFAR100, "cifar-100-python"))
     created = not os.path.exists(root)
     os.makedirs(root, exist_ok=True)
     try:
@@ -834,13 +723,8 @@ def cifar_arrays(args):
         die(f"could not read or download {args.dataset} in {root} ({type(e).__name__}: {str(e).splitlines()[0]}); "
             f"offline, give --data-dir a folder holding either torchvision's {folder}/ or "
             "train/<class>/*.png|jpg and test/<class>/*.png|jpg")
-    out = []
-    for s, n in zip(sets, (args.subset, args.test_n)):
-        x, y = torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)
-        idx = subset_indices(y, n)
-        out += [x[idx], y[idx]]
-    return (*out, sets[0].classes)
-
+    xs = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in sets]
+    return (*[t[subset_indices(y, n)] for (x, y), n in zip(xs, sizes) for t in (x, y)], sets[0].classes)
 
 def check_classes(train, test, root, test_split):
     """Labels are class indices in sorted folder order: the two splits must list exactly the same classes."""
@@ -850,11 +734,9 @@ def check_classes(train, test, root, test_split):
             f"(only in train: {only(train, test)}, only in {test_split}: {only(test, train)}); labels would not "
             "line up: give both splits the same class folders")
 
-
 def to_float(x_uint8, channels_last=False):
     x = x_uint8.float().div_(255)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
 
 class DeviceData:
     """CIFAR-sized data kept on the training device as uint8, augmented there one batch at a time
@@ -907,26 +789,20 @@ class DeviceData:
             j = idx[i:i + batch_size]
             yield to_float(self.x_test[j], self.channels_last), self.y_test[j]
 
-
-def _safe_pil_loader(path):
+def _safe_pil_loader(path):  # an unreadable file is skipped with a warning, by whichever worker meets it
     from PIL import Image
-
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
-    except OSError as e:  # reported like every skipped file, from whichever worker process meets it
-        warn(f"skipping unreadable image {path} ({e})")
-        return None
-
+    except OSError as e:
+        return warn(f"skipping unreadable image {path} ({e})")
 
 def _unless_unreadable(transform, image):
     return None if image is None else transform(image)
 
-
-def _drop_unreadable(batch):
+def _drop_unreadable(batch):  # None when every image of the batch was unreadable: the loops skip it
     batch = [b for b in batch if b[0] is not None]
-    return torch.utils.data.default_collate(batch) if batch else None  # None: the loops skip it
-
+    return torch.utils.data.default_collate(batch) if batch else None
 
 class LoaderData:
     """ImageNet: ImageFolder train/ and val/, standard transforms, a DataLoader with workers, pinned
@@ -935,7 +811,6 @@ class LoaderData:
     def __init__(self, args, device, rank, world):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
-
         self.root, s = args.data_dir or "data/imagenet", args.image_size
         list_image_folder(os.path.join(self.root, "val"))  # a clear error for a missing or empty folder
         wrap = functools.partial(functools.partial, _unless_unreadable)  # picklable, for spawned workers
@@ -943,9 +818,7 @@ class LoaderData:
         test_tf = wrap(T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor()]))
         self.test_set = ImageFolder(os.path.join(self.root, "val"), test_tf, loader=_safe_pil_loader)
         self.classes, self.device, self.args, self._train_set = self.test_set.classes, device, args, None
-        self.test_loaders = {}
-        self.image_hw = (s, s)
-        train_dir = os.path.join(self.root, "train")
+        self.test_loaders, self.image_hw, train_dir = {}, (s, s), os.path.join(self.root, "train")
         if os.path.isdir(train_dir):
             check_classes(sorted(d.name for d in os.scandir(train_dir) if d.is_dir()), self.classes, self.root, "val")
 
@@ -953,7 +826,6 @@ class LoaderData:
     def train_set(self):  # built on first use: eval, tradeoff and plot need only val/
         if self._train_set is None:
             from torchvision.datasets import ImageFolder
-
             list_image_folder(os.path.join(self.root, "train"))
             self._train_set = ImageFolder(os.path.join(self.root, "train"), self.train_tf, loader=_safe_pil_loader)
             if self.args.subset:
@@ -985,12 +857,9 @@ class LoaderData:
         yield from self._on_device(self.test_loaders[key])
 
     def _on_device(self, loader):
-        for batch in loader:
-            if batch is not None:  # None: every image of the batch was unreadable
-                x = batch[0].to(self.device, non_blocking=True)
-                x = x.contiguous(memory_format=torch.channels_last) if self.args.channels_last else x
-                yield x, batch[1].to(self.device, non_blocking=True)
-
+        for x, y in filter(None, loader):  # (None: every image of the batch was unreadable)
+            x = x.to(self.device, non_blocking=True)
+            yield x.contiguous(memory_format=torch.channels_last) if self.args.channels_last else x, y.to(self.device, non_blocking=True)
 
 def load_data(args, device, rank=0, world=1):
     if args.dataset == "imagenet":
@@ -1001,42 +870,1067 @@ def load_data(args, device, rank=0, world=1):
         return DeviceData(xtr[itr], ytr[itr], xte[ite], yte[ite], classes, device, args.channels_last)
     return DeviceData(*cifar_arrays(args), device, args.channels_last)
 
+# ---- 5.3 Training ------------------------------------------------------------------------------
+def setup_device(args):
+    """(device, rank, world). Under torchrun: one process per GPU (nccl), or gloo on the CPU."""
+    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {want} was asked for, but no CUDA device is visible; use --device cpu")
+    if want == "cpu":
+        # x86 CPUs slow down by up to a third on denormal floats, which PGD's input gradients produce on
+        # some data and not on other: flushing them to zero makes a step's time depend on its work only
+        torch.set_flush_denormal(True)
+    distributed, device = int(os.environ.get("WORLD_SIZE", "1")) > 1, torch.device(want)
+    if device.type == "cuda":
+        # A device needs its index: under torchrun the process's own GPU (LOCAL_RANK); for a bare "cuda" the
+        # current one. It becomes the current device before any collective, so that NCCL binds to it and
+        # synchronize() and the memory counters refer to it.
+        index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 GEMMs/convs
+    rank, world = 0, 1
+    if distributed:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return device, rank, world
 
-# ---- 5.3 Checkpoints -------------------------------------------------------------------------
-def json_keys(path):
-    """The top-level keys of a JSON object file (empty for anything else): how a writer knows its own files."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return set()
-    return set(obj) if isinstance(obj, dict) else set()
+def place(net, args, device):
+    """The model on `device`, in channels_last memory format and compiled when the flags ask for it."""
+    net.to(device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if args.compile:
+        net.compile()  # compiles forward in place; state_dict keys stay as they are
+    return net
 
+def amp_context(args, device):
+    """A factory of fresh autocast contexts (bf16 with --amp); `with amp():` wherever a forward runs."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
 
-def head(path, n):
+def cosine_lr(step, total, base, warmup=0):
+    """Cosine schedule (paper §5), per step; derived from the step, so a resumed run needs no state.
+    --warmup: first a linear ramp base·(step+1)/warmup over `warmup` steps (as the public AdvProp and
+    dual-BN codes do), then the cosine over the remaining steps. warmup=0 is the paper's schedule."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+def all_reduce(values, device):
+    """Sums of Python numbers over the DDP ranks (a single process has nothing to add)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=contextlib.nullcontext,
+             rank=0, world=1):
+    """Accuracy of `model` with mask u on (a fixed balanced subset n of) the test set, under PGD-`steps`
+    at ε (clean for ε=0). Runs in eval mode; across DDP ranks the counts are all-reduced."""
+    was_training = model.training
+    model.eval()
+    set_mask(model, u)
+    correct, total = torch.zeros((), dtype=torch.long, device=data.device), 0  # counted on the device: no wait per batch
+    for x, y in data.test_batches(batch_size, n, rank, world):
+        if eps > 0:
+            with amp():
+                x = pgd(model, x, y, eps, eps / ALPHA_DIV, steps, check=False)
+        with torch.no_grad(), amp():
+            correct += (model(x).argmax(1) == y).sum()
+        total += len(y)
+    model.train(was_training)
+    correct, total = all_reduce([correct.item(), total], data.device)
+    return correct / max(total, 1), int(total)
+
+FINITE_EVERY = 50  # steps between checks that the loss is finite: each check makes the host wait for the GPU
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+def method_kwargs(args):
+    """The keywords of method_loss that a train (or finetune-bn) run's arguments fix."""
+    return dict(method=args.method, k=args.k, fix_p=args.fix_p, adv_only=args.robmask_adv_only, eps_max=args.eps_max,
+                attack_steps=args.attack_steps, attack_bn=args.attack_bn, freeze_stats=getattr(args, "freeze_stats", False))
+
+def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, total_steps):
+    """One epoch of Algorithm 1. Returns its log entry: mean loss, clean training accuracy, mean loss per
+    branch (methods with more than one), images per second, seconds."""
+    net.train()
+    steps = data.steps_per_epoch(args.batch_size)
+    warmup, branch_sum, hits, seen = round(args.warmup * steps), 0.0, None, 0
+    # p is drawn from its own generator, seeded from (seed, epoch) and identical on every rank,
+    # so that all ranks use the same mask u(p); the PGD random starts use torch's per-rank RNG.
+    p_gen, method = torch.Generator().manual_seed(args.seed * 7919 + epoch), method_kwargs(args)
+    torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + rank)
+    loss_sum, t0, last_print = torch.zeros((), device=device), time.time(), time.time()
+    first_bad, bad_loss = torch.full((), steps, device=device), torch.zeros((), device=device)  # steps: none yet
+    for step, (x, y) in enumerate(data.train_batches(epoch, args.batch_size, args.seed, rank, world)):
+        for group in opt.param_groups if opt is not None else []:
+            group["lr"] = cosine_lr(epoch * steps + step, total_steps, args.lr, warmup)
+        loss = train_step(net, step_module, opt, x, y, amp, p_gen, **method)  # p not given: method_loss draws it
+        new_bad = ~torch.isfinite(loss) & (first_bad == steps)  # on the device: no wait for the GPU here
+        first_bad, bad_loss = torch.where(new_bad, step, first_bad), torch.where(new_bad, loss, bad_loss)
+        if (step + 1) % FINITE_EVERY == 0 or step + 1 == steps:
+            stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world)
+        loss_sum += loss
+        ces, step_hits = getattr(step_module, "module", step_module).last  # DDP keeps BranchLoss as .module
+        branch_sum = branch_sum + ces
+        if step_hits is not None:
+            hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
+        if time.time() - last_print > args.log_every and rank == 0:  # progress inside a long epoch
+            last_print, done = time.time(), step + 1
+            rate, acc = done * args.batch_size / (time.time() - t0), f"  train_acc {hits.item() / seen:.4f}" if hits is not None else ""
+            log(f"  epoch {epoch + 1} step {done}/{steps}  loss {loss_sum.item() / done:.4f}{acc}  {rate:.0f} img/s  "
+                f"epoch ETA {fmt_time((steps - done) * args.batch_size / rate)}")
+    seconds = time.time() - t0
+    sums = all_reduce([loss_sum.item(), seen, hits.item() if hits is not None else 0, *branch_sum.tolist()], device)
+    entry = dict(train_loss=sums[0] / world / max(steps, 1), train_acc=sums[2] / max(sums[1], 1) if hits is not None else None,
+                 branch_loss=[b / world / max(steps, 1) for b in sums[3:]])  # each branch's own mean CE, clean first
+    entry = {key: v for key, v in entry.items() if v is not None and (key != "branch_loss" or len(v) > 1)}
+    return dict(entry, img_per_s=steps * args.batch_size / max(seconds, 1e-9), seconds=seconds)
+
+def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
+    """Stop if a step of this epoch had a non-finite loss (checked every FINITE_EVERY steps and at the end of
+    the epoch, so before every save). Under DDP every rank stops, not only the one that saw it."""
+    flag = first_bad.clone()
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not bool(flag == steps):  # (steps: no step was bad)
+        seen = f"{bad_loss.item()} here" if first_bad < steps else "on another rank"
+        die(f"the loss became non-finite ({seen}) at epoch {epoch + 1}, step {int(flag) + 1}; training stopped and the "
+            "last good checkpoint was kept. Lower --lr (or check the data) and start again")
+
+def check_ranks_agree(net, device):
+    """Under DDP every rank must hold the same weights; returns the largest difference to rank 0."""
+    flat = torch.cat([w.detach().flatten().float() for w in net.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    return all_reduce([(flat - ref).abs().max().item()], device)[0]
+
+def start_run(args, given, device, rank, world, init_from=None):
+    """Data, model and optimiser of a run, resumed from --out's checkpoint where there is one. None: nothing to do."""
+    ckpt = prepare_out_dir(args, given)
+    if ckpt is not None and ckpt.get("complete"):
+        return log(f"[skip] {args.out} is complete ({ckpt['epoch']} epochs)")  # (None: nothing to do)
+    data = load_data(args, device, rank, world)
+    if args.num_classes not in (None, len(data.classes)) or getattr(args, "classes", None) not in (None, [], list(data.classes)):
+        die(f"the checkpoint's {args.num_classes} classes are not the {len(data.classes)} classes of the data in "
+            f"{args.data_dir} (names or number differ); give the matching --data-dir")
+    args.num_classes, args.k, args.classes = len(data.classes), method_k(args.method, args.k), list(data.classes)
+    torch.manual_seed(args.seed)
+    net = build_model(args.arch, args.num_classes, args.k, args.width, args.dataset, args.bn_stats)
+    try:  # one tiny forward now, rather than a shape error deep inside the first epoch
+        net.eval()(torch.zeros(2, 3, *data.image_hw)).detach()
+    except RuntimeError as e:
+        die(f"images of {data.image_hw[0]}x{data.image_hw[1]} are too small for {args.arch} "
+            f"({str(e).splitlines()[0][:100]}); use larger images (--image-size) or another --arch")
+    what = f"{args.arch} (k={args.k}, {args.num_classes} classes)"
+    if init_from is not None:  # finetune-bn: start from the source checkpoint's weights
+        load_state(net, read_checkpoint(init_from)["model"], init_from, what)
+    args.params = count_params(net)
+    place(net, args, device)
+    params = trainable_parameters(net, args.bn_params)  # §5: SGD, momentum 0.9, weight decay 5e-4, lr 0.1 for θ, W, W'
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd) if params else None
+    if ckpt is None:
+        return data, net, opt, [], 0, what
+    load_state(net, ckpt["model"], args.out, what)
+    if opt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    log(f"resuming {args.out} after epoch {ckpt['epoch']}")
+    return data, net, opt, ckpt["log"], ckpt["epoch"], what
+
+def fit(args, given, init_from=None):
+    """The training loop shared by `train` and `finetune-bn`: DDP, AMP, compile, checkpoints, resume."""
+    device, rank, world = setup_device(args)
+    if args.batch_size % world or args.batch_size // world < 2:
+        die(f"--batch-size {args.batch_size} is the global batch; it must divide among the {world} processes, "
+            "with at least 2 images each (BN training needs 2)")
+    run = start_run(args, given, device, rank, world, init_from)
+    if run is None:
+        return
+    data, net, opt, history, start, what = run
+    args_json = {key: v for key, v in vars(args).items() if key != "check"}
+    if rank == 0:
+        write_json(os.path.join(args.out, "args.json"), args_json)
+    amp = amp_context(args, device)
+    step_module = BranchLoss(net, amp)
+    if world > 1 and opt is not None:  # (finetune-bn --params stats trains nothing: no gradients to all-reduce)
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
+    steps = data.steps_per_epoch(args.batch_size)
+    if steps == 0:
+        die(f"the training set has fewer images ({args.subset or 'all'}) than one batch ({args.batch_size}); lower --batch-size")
+    job = f"fine-tuning BN ({args.bn_params}) on {args.finetune_on} images" if args.bn_params else f"training {args.method}"
+    log(f"{job} ({what}, {args.params:,} parameters) on {args.dataset}: {args.epochs} epochs "
+        f"x {steps} steps of {args.batch_size}, {world} process(es) on {device}")
+    for epoch in range(start, args.epochs):
+        ep = train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, args.epochs * steps)
+        acc, _ = accuracy(net, data, mask_for(args.method, 0, args.k), batch_size=2 * args.batch_size // world,
+                          n=args.test_n, amp=amp, rank=rank, world=world)
+        lr = cosine_lr((epoch + 1) * steps, args.epochs * steps, args.lr, round(args.warmup * steps))
+        entry = dict(epoch=epoch + 1, lr=lr, test_acc=acc, **ep)
+        if world > 1:
+            entry["rank_max_abs_diff"] = check_ranks_agree(net, device)
+        history.append(entry)
+        extra = f"  train_acc {ep['train_acc']:.4f}" if "train_acc" in ep else ""
+        extra += f"  branches {' '.join(f'{b:.3f}' for b in ep['branch_loss'])}" if "branch_loss" in ep else ""
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {ep['train_loss']:.4f}{extra}  test_acc {acc:.4f}  lr {lr:.4f}  "
+            f"{ep['img_per_s']:.0f} img/s  {ep['seconds']:.1f}s")
+        bad = next((key for key, t in net.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:  # every rank holds the same weights, so every rank stops here
+            die(f"the weights became non-finite ({bad}) in epoch {epoch + 1}; nothing was saved for it"
+                f"{', the last good checkpoint stays' if start or epoch else ''}. Lower --lr (or check the data) and start again")
+        if rank == 0:
+            save_run(args.out, net, opt, args_json, epoch + 1, history, complete=epoch + 1 == args.epochs)
+    if args.epochs == start == 0 and rank == 0:
+        save_run(args.out, net, opt, args_json, 0, history, complete=True)
+    if world > 1:  # nobody tears down the process group while rank 0 is still writing its checkpoint
+        dist.barrier()
+
+def cmd_train(args, given):
+    args.num_classes = args.classes = args.bn_params = args.finetune_on = None  # set by the data, and by finetune-bn
+    run_training(args, given)
+
+def cmd_finetune_bn(args, given):
+    """§3.1 / Table 1: fine-tune only BN of a trained k=1 model, on clean images or on PGD examples."""
+    stored = dict(read_checkpoint(args.ckpt)["args"])
+    if args.data_dir and stored["dataset"] == "synthetic":
+        die(f"--data-dir is not used: {args.ckpt} was trained on the built-in synthetic data; drop it")
+    if stored["k"] != 1:
+        die(f"finetune-bn works on single-BN (k=1) checkpoints such as bn or adv runs; {args.ckpt} has k={stored['k']}")
+    stored.update({key: v for key, v in vars(args).items() if key != "ckpt" and (v is not None or key not in stored)})
+    stored.update(method="bn" if args.finetune_on == "clean" else "adv", source=os.path.abspath(args.ckpt), warmup=0)
+    resuming = args.resume and os.path.exists(os.path.join(args.out, "checkpoint.pt"))
+    run_training(argparse.Namespace(**stored), given, init_from=None if resuming else args.ckpt)
+
+# ---- 5.4 Evaluation: PGD-100 and AutoAttack, under a chosen mask ---------------------------------
+# Which mask to evaluate with (--mask): `clean` is u(0), the deployable setting (the defender
+# cannot know ε at test time); `matched` is u(ε/ε_max) per row, which assumes the defender knows
+# ε: it is how the robustness tables compare methods (AdvProp: main BN at ε=0, auxiliary BN
+# otherwise); a number P is a fixed u(P).
+def row_mask(stored, mask, eps):
+    """(u, the strength u stands for): --recalibrate measures at that strength (clean → 0, matched → ε)."""
+    if mask == "clean":
+        return mask_for(stored["method"], 0.0, stored["k"]), 0.0
+    if mask == "matched":
+        return mask_for(stored["method"], eps / stored["eps_max"] if stored["eps_max"] else 0.0, stored["k"]), eps
+    return encode(float(mask), stored["k"]), float(mask) * stored["eps_max"]
+
+def eval_data(args, stored, device):
+    """The test data that a checkpoint was trained on (or in --data-dir instead)."""
+    if stored["dataset"] == "synthetic" and getattr(args, "data_dir", None):
+        die("--data-dir is not used: the checkpoint was trained on the built-in synthetic data; drop it")
+    # the test split, and N training images for --recalibrate N (subset=1 keeps an image-folder reader
+    # from decoding the rest of the training set)
+    a = argparse.Namespace(**dict(stored, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"), test_n=None,
+                                  subset=getattr(args, "recalibrate", None) or 1, channels_last=False,
+                                  workers=getattr(args, "workers", 4), image_size=stored.get("image_size", 224)))
+    data = load_data(a, device)
+    if len(data.classes) != stored["num_classes"] or stored.get("classes", data.classes) != list(data.classes):
+        die(f"the checkpoint's {stored['num_classes']} classes are not the {len(data.classes)} class folders of "
+            f"{a.data_dir or a.dataset} (names or number differ); pass the --data-dir it was trained on")
+    return data
+
+# Precise BN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the running averages are an
+# estimate made while the weights were still moving, and under --bn-stats mixed a biased one (see
+# MaskedBatchNorm2d). --recalibrate N measures, at the evaluated mask u, the population mean and
+# unbiased variance of every BN layer's input over N training images, in train-mode forwards: clean
+# images for a mask that stands for ε=0, PGD examples at the mask's ε otherwise (the inputs it saw in
+# training). The result is a copy with one set of statistics per layer; the checkpoint is untouched.
+def recalibrate(model, batches, u, eps=0.0, steps=ATTACK_STEPS):
+    model = copy.deepcopy(model)
+    layers = masked_layers(model)
+    moments = {m: torch.zeros(3, m.num_features, dtype=torch.float64, device=m.W.device) for m in layers}
+
+    def measure(m, inputs):  # count, Σx and Σx² per channel, in float64
+        x = inputs[0].detach().double()
+        moments[m] += torch.stack([torch.full_like(x[0, :, 0, 0], x.numel() / x.shape[1]), x.sum((0, 2, 3)),
+                                   x.pow(2).sum((0, 2, 3))])
+
+    for x, y in batches:
+        if eps > 0:  # attack the model as loaded, in eval mode with mask u
+            model.eval()
+            set_mask(model, u)
+            x = pgd(model, x, y, eps, eps / ALPHA_DIV, steps, check=False)
+        hooks = [m.register_forward_pre_hook(measure) for m in layers]
+        model.train()
+        set_mask(model, u, adversarial=eps > 0)
+        with torch.no_grad(), attack_bn_mode(model, "train"):  # batch statistics, running ones untouched
+            try:
+                model(x)
+            except ValueError as e:  # "Expected more than 1 value per channel": a batch of 1 on 1x1 maps
+                die(f"--recalibrate cannot measure BN statistics here ({str(e).splitlines()[0][:80]}); give it more "
+                    "training images (at least 2 per batch)")
+        for h in hooks:
+            h.remove()
+    for m, (n, s1, s2) in moments.items():
+        if not n[0] >= 2:
+            die("--recalibrate needs at least 2 values per channel; give it more training images")
+        mean = s1 / n
+        m.running_mean = mean.float()[None]  # one set of statistics, whatever u: the layer reads it as `shared`
+        m.running_var = ((s2 - s1 * mean) / (n - 1)).float()[None]
+        m.stats = "shared"
+    return model.eval()
+
+def recalibrated(model, stored, args, data, cache, u, eps_r):
+    """The model to measure at mask u: itself, or (--recalibrate N) its recalibrated copy, cached per (u, ε)."""
+    key, t0 = (tuple(u.tolist()), eps_r), time.time()
+    if not args.recalibrate:
+        return model
+    if key not in cache:
+        b = math.ceil(args.recalibrate / math.ceil(args.recalibrate / args.batch_size))  # equal batches, ≤ N in all
+        if data.steps_per_epoch(b) * b < args.recalibrate:  # say (and record) how many images there really were
+            have = data.steps_per_epoch(1)  # the training set's size
+            b = min(b, have)
+            warn(f"--recalibrate {args.recalibrate}: the training set has only {have} images; recalibrating on "
+                 f"{data.steps_per_epoch(b) * b} of them")
+            args.recalibrate = data.steps_per_epoch(b) * b
+        cache[key] = recalibrate(model, data.train_batches(0, b, args.seed), u, eps_r, stored.get("attack_steps", ATTACK_STEPS))
+        log(f"  recalibrated BN statistics at u={[round(v, 3) for v in u.tolist()]} on {args.recalibrate} training "
+            f"images ({f'PGD at {eps_r * 255:.2f}/255' if eps_r else 'clean'}, {time.time() - t0:.1f}s)")
+    return cache[key]
+
+class FixedMask(nn.Module):
+    """x in [0,1] -> logits, always with the mask u: what an attack library (AutoAttack) needs."""
+
+    def __init__(self, model, u):
+        super().__init__()
+        self.model = model
+        self.register_buffer("u", torch.as_tensor(u, dtype=torch.float32, device=masked_layers(model)[0].W.device))
+
+    def forward(self, x):
+        set_mask(self.model, self.u)
+        return self.model(x)
+
+def fixed_mask(model, p=0.0, u=None):
+    """The model as a plain classifier with the mask u(p) (or an explicit u)."""
+    return FixedMask(model, encode(p, num_bases(model)) if u is None else u)
+
+def autoattack_accuracy(model, data, u, eps, args, device):
+    """Robust accuracy under AutoAttack (pyautoattack) with the mask fixed to u."""
+    import logging
+    from pyautoattack import AutoAttack
+
+    logger = logging.getLogger("auto-attack")  # it reports progress at DEBUG level: show it
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler(sys.stdout))
+        logger.handlers[0].setFormatter(logging.Formatter("  autoattack: %(message)s"))
+    logger.setLevel(logging.DEBUG)
+    x, y = map(torch.cat, zip(*data.test_batches(args.batch_size, args.n)))
+    clf = fixed_mask(model, u=u).eval()
+    if eps > 0:
+        attacks = args.aa_attacks.split(",") if args.aa_version == "custom" else None
+        aa = AutoAttack(clf, norm="Linf", eps=eps, version=args.aa_version, attacks=attacks, device=device, seed=args.seed)
+        x, _ = aa.run_standard_evaluation(x, y, batch_size=args.batch_size)
+    with torch.no_grad():
+        correct = sum((clf(x[i:i + args.batch_size]).argmax(1) == y[i:i + args.batch_size]).sum().item()
+                      for i in range(0, len(y), args.batch_size))
+    return correct / len(y), len(y)
+
+def cmd_eval(args):
+    args.out = args.out and check_out(args.out, "results", args.force)
+    device, _, _ = setup_device(args)
+    model, stored = load_checkpoint(args.ckpt, device)
+    data = eval_data(args, stored, device)
+    rows, cache = [], {}
+    for eps in (args.eps if args.attack != "none" else [0.0]):
+        u, eps_r = row_mask(stored, args.mask, eps)
+        m = recalibrated(model, stored, args, data, cache, u, eps_r)
+        torch.manual_seed(args.seed)  # the same PGD random starts on every call
+        t0 = time.time()
+        acc, n = (autoattack_accuracy(m, data, u, eps, args, device) if args.attack == "autoattack" else
+                  accuracy(m, data, u, eps, args.steps, args.batch_size, args.n, amp_context(args, device)))
+        rows.append(dict(attack=args.attack, eps=eps, steps=args.steps if args.attack == "pgd" else None,
+                         mask=args.mask, u=u.tolist(), accuracy=acc, n=n, recalibrate=args.recalibrate))
+        log(f"{args.attack:10s} eps {eps * 255:5.2f}/255  mask {args.mask:7s} u={[round(v, 3) for v in u.tolist()]}  "
+            f"accuracy {acc:.4f}  (n={n}, {time.time() - t0:.1f}s)")
+    result = dict(checkpoint=args.ckpt, method=stored["method"], rows=rows, amp=args.amp, run_id=stored["run_id"],
+                  run_epoch=stored["run_epoch"])
+    if args.attack == "autoattack":
+        result["aa"] = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+# §3.2's slider from two checkpoints: their BN layers become the two bases of one k=2 model.
+def combine_checkpoints(path_a, path_b, device="cpu"):
+    """A k=2 model whose bases are the BN layers of two k=1 checkpoints that differ only in BN."""
+    (model_a, stored), (model_b, stored_b) = load_checkpoint(path_a, device), load_checkpoint(path_b, device)
+    for key in ("arch", "width", "num_classes"):
+        if stored[key] != stored_b[key]:
+            die(f"{path_a} and {path_b} differ in {key} ({stored[key]} vs {stored_b[key]}); the two-checkpoint "
+                "trade-off needs one architecture, e.g. a model and its finetune-bn copy")
+    if num_bases(model_a) != 1 or num_bases(model_b) != 1:
+        die("the two-checkpoint trade-off combines two single-BN (k=1) checkpoints; for one RobMask or "
+            "AdvProp checkpoint, pass it alone to sweep its own encoding")
+    bn_keys = {f"{n}.{t}" for n, m in model_a.named_modules() if isinstance(m, MaskedBatchNorm2d)
+               for t in ("W", "Wp", "running_mean", "running_var", "num_batches_tracked")}
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    for key in sd_a:
+        if key not in bn_keys and not torch.equal(sd_a[key], sd_b[key]):
+            die(f"{path_a} and {path_b} differ outside BN (tensor {key}); the two-checkpoint trade-off needs "
+                "models that differ only in BN, e.g. a model and its finetune-bn copy")
+    model = build_model(stored["arch"], stored["num_classes"], 2, stored["width"], stored["dataset"])
+    model.load_state_dict({key: torch.cat([t, sd_b[key]]) if key in bn_keys and not key.endswith("num_batches_tracked")
+                           else t for key, t in sd_a.items()})
+    return model.to(device).eval(), stored
+
+def cmd_tradeoff(args):
+    """§3.2 / Table 2: clean and PGD accuracy along u = [1-p, p]."""
+    args.out = check_out(args.out, "results", args.force)
+    device, _, _ = setup_device(args)
+    if args.ckpt_b:
+        model, stored = combine_checkpoints(args.ckpt, args.ckpt_b, device)
+    else:
+        model, stored = load_checkpoint(args.ckpt, device)
+        if stored["k"] < 2:
+            die(f"{args.ckpt} has a single BN (k=1): there is nothing to slide between. Pass a second "
+                "checkpoint that differs only in BN (e.g. its finetune-bn copy), or a RobMask/AdvProp run")
+    k = num_bases(model)
+    data = eval_data(args, stored, device)
+    rows, cache = [], {}
+    for p in args.p:
+        u = encode(p, k)
+        # --recalibrate: a RobMask/AdvProp checkpoint's u(p) stands for ε = p·ε_max; the two-checkpoint
+        # slider's bases stand for no ε (its p=1 end was tuned on clean images), so clean images for all p
+        m = recalibrated(model, stored, args, data, cache, u, 0.0 if args.ckpt_b else p * stored["eps_max"])
+        amp = amp_context(args, device)
+        clean, n = accuracy(m, data, u, 0.0, 0, args.batch_size, args.n, amp)
+        torch.manual_seed(args.seed)
+        robust, _ = accuracy(m, data, u, args.eps, args.steps, args.batch_size, args.n, amp)
+        rows.append(dict(p=p, u=u.tolist(), clean=clean, robust=robust, eps=args.eps, steps=args.steps, n=n,
+                         recalibrate=args.recalibrate))
+        log(f"p {p:.2f}  clean {clean:.4f}  pgd{args.steps}@{args.eps * 255:.1f}/255 {robust:.4f}  (n={n})")
+    result = dict(checkpoints=[c for c in (args.ckpt, args.ckpt_b) if c], rows=rows)
+    write_json(args.out, result)
+    return result
+
+# Export: with u fixed, every masked BN *is* an ordinary BN, with γ = Σ_j u_j w_j, β = Σ_j u_j w'_j and the
+# statistics that evaluation uses at u. Folding them gives a plain model that any tool can evaluate
+# (RobustBench's convention: x in [0,1] NCHW in, logits out, normalisation inside, eval mode).
+def fold_mask(model, u):
+    """The state_dict of a k=1 model that computes in eval mode exactly what `model` computes at mask u."""
+    set_mask(model, u)
+    sd = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, MaskedBatchNorm2d):
+            for key, t in zip(("W", "Wp", "running_mean", "running_var"), (m.mix(m.W), m.mix(m.Wp), *m.eval_stats())):
+                sd[f"{name}.{key}"] = t.detach()[None].clone()
+    return sd
+
+def cmd_export(args):
+    args.out = check_out(args.out, "export", args.force)
+    meta_path = check_out(args.out + ".json", "sidecar", args.force, "--out's sidecar") if args.format == "torchvision" else None
+    model, stored = load_checkpoint(args.ckpt)
+    u, _ = row_mask(stored, args.mask, 0.0)
+    sd = fold_mask(model, u)
+    if args.format == "robmask":  # a k=1 robmask checkpoint: eval, tradeoff, finetune-bn and plot all take it
+        a = dict({key: v for key, v in stored.items() if key not in ("run_id", "run_epoch")}, k=1, method="bn", bn_stats="mixed",
+                 exported_from=os.path.abspath(args.ckpt), export_u=u.tolist())
+        ckpt = dict(format=FORMAT, model=sd, args=a, epoch=0, log=[], complete=True, optimizer=None)
+        atomic_write(args.out, lambda f: torch.save(ckpt, f))
+    else:  # torchvision.models.<arch>(num_classes=N).load_state_dict(sd, strict=True), constants in OUT.json
+        if stored["dataset"] != "imagenet":
+            die(f"--format torchvision needs a torchvision architecture (a --dataset imagenet run); {stored['arch']} is "
+                "robmask's own CIFAR model: use --format robmask")
+        names = {"W": "weight", "Wp": "bias"}
+        tv = {}
+        for key, t in sd.items():
+            head, _, leaf = key[2:].rpartition(".")  # drop the "1." of Sequential(Normalize, body)
+            tv[f"{head}.{names.get(leaf, leaf)}"] = t[0] if leaf in ("W", "Wp", "running_mean", "running_var") else t
+        atomic_write(args.out, lambda f: torch.save(tv, f))
+        mean, std = MEAN_STD[stored["dataset"]]
+        write_json(meta_path, dict(arch=stored["arch"], num_classes=stored["num_classes"], mean=mean, std=std,
+                                   classes=stored.get("classes"), u=u.tolist(), source=os.path.abspath(args.ckpt)))
+    log(f"wrote {args.out}: {stored['arch']} with the mask u={[round(v, 3) for v in u.tolist()]} folded in ({args.format})")
+
+# ---- 5.5 bench: time, FLOPs, MFU and memory of a training step, per method ----------------------
+def _timed(device, fn, reps=1):
+    """Seconds for `reps` calls of fn, the device synchronised before and after (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return time.perf_counter() - t0
+
+def piece_flops(net, x, y, amp=contextlib.nullcontext):
+    """FLOPs (torch.utils.flop_counter) of the two pieces every method's step is made of, on the batch x: a
+    training forward+backward, and one attack step (forward + backward to the input only, parameters frozen).
+    The counter cannot trace pgd itself: its module tracker rejects autograd.grad on a leaf input."""
+    from torch.utils.flop_counter import FlopCounterMode
+    def count(fn):
+        counter = FlopCounterMode(display=False)
+        with counter, amp():
+            fn()
+        return counter.get_total_flops()
+
+    train = count(lambda: F.cross_entropy(net(x).float(), y).backward())
+    weights = [w for w in net.parameters() if w.requires_grad]
+    for w in weights:
+        w.requires_grad_(False)
+    attack = count(lambda: F.cross_entropy(net(x.clone().requires_grad_(True)).float(), y).backward())
+    for w in weights:
+        w.requires_grad_(True)
+    net.zero_grad(set_to_none=True)
+    return train, attack
+
+def method_flops(method, train, attack, attack_steps=ATTACK_STEPS, k=None, adv_only=False):
+    """A step of `method`: one training forward+backward per branch, attack_steps attack steps per attacked one."""
+    return sum(train + (attack_steps * attack if s > 0 else 0) for s, _ in branches(method, 0.5, k, adv_only))
+
+def matmul_rate(device, amp, n=2048):
+    """MFU's denominator: the dense matmul rate in the dtype training computes in, measured as a 1x1 convolution of
+    n×n by n×n (cuDNN, or oneDNN on the CPU, which is faster there than BLAS's torch.mm on some CPUs)."""
+    a = torch.randn(1, n, n, 1, device=device, dtype=torch.bfloat16 if amp else torch.float32)
+    _timed(device, lambda: F.conv2d(a, a.view(n, n, 1, 1)), 2)  # warm-up
+    return 2 * n**3 * 10 / _timed(device, lambda: F.conv2d(a, a.view(n, n, 1, 1)), 10)
+
+def peak_memory_mb(step, batch, cuda):
+    """CUDA's peak memory over two steps, with no other case's model, gradients or state alive (None on a CPU,
+    which has no such counter)."""
+    gc.collect()
+    if not cuda:
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step(*batch, 0.5)
+    return torch.cuda.max_memory_allocated() / 2**20
+
+BENCHED = ("bn", "adv", "advprop", "robmask")
+
+def cmd_bench(args):
+    """Each method's training step (the paper's ε_max and PGD steps) timed round-robin in one process, so that machine
+    drift hits every case alike: medians, images/s, FLOPs, MFU, CUDA peak memory, and §5's ratio RobMask/AdvProp."""
+    args.out = args.out and check_out(args.out, "results", args.force)
+    device, _, _ = setup_device(args)
+    amp, cuda, n = amp_context(args, device), device.type == "cuda", max(8 * args.batch_size, 1024)
+    torch.manual_seed(0)  # (the synthetic batches below: the same on every call)
+    data = DeviceData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10,
+                      torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), list(range(10)),
+                      device, args.channels_last)
+    batches = [b for _, b in zip(range(4), data.train_batches(0, args.batch_size, 0))]
+
+    def training_step(method, freeze_params=True):  # a full training step of `method`
+        net = place(build_model(args.arch, 10, method_k(method), args.width), args, device)
+        opt, loss_module = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), BranchLoss(net, amp)
+        return lambda x, y, p: train_step(net, loss_module, opt, x, y, amp, method=method, p=p, freeze_params=freeze_params)
+
+    def fwd_bwd(net):  # forward+backward alone: the masked layer (k=2, u(0.5)) against plain BatchNorm2d
+        net = place(net, args, device)
+        return lambda x, y, p: (F.cross_entropy(net(x).float(), y).backward(), net.zero_grad(set_to_none=True))
+
+    peak = {m: peak_memory_mb(training_step(m), batches[0], cuda) for m in BENCHED}  # each method alone
+    masked = build_model(args.arch, 10, 2, args.width)
+    set_mask(masked, encode(0.5, 2))
+    cases = {m: training_step(m) for m in BENCHED}
+    cases.update(adv_unfrozen=training_step("adv", freeze_params=False),  # the common implementation of the attack
+                 fwdbwd_masked=fwd_bwd(masked), fwdbwd_plain=fwd_bwd(plain_model(args.arch, 10, args.width)))
+    times, gen = {name: [] for name in cases}, torch.Generator().manual_seed(0)
+    log(f"bench: {args.arch} width {args.width}, batch {args.batch_size}, {args.steps} timed steps "
+        f"(+{args.warmup} warm-up) per case, round-robin, on {device}")
+    for r in range(args.warmup + args.steps):  # round-robin: machine drift hits every case alike
+        for name, step in cases.items():
+            x, y = batches[r % len(batches)]
+            p = torch.rand((), generator=gen).item()
+            seconds = _timed(device, lambda: step(x, y, p))
+            if r >= args.warmup:
+                times[name].append(seconds)
+    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    epoch = lambda: [None for _ in data.train_batches(1, args.batch_size, 0)]  # noqa: E731 (the pipeline alone)
+    pipeline = data.steps_per_epoch(args.batch_size) * args.batch_size / _timed(device, epoch)
+    pieces = piece_flops(build_model(args.arch, 10, 2, args.width).to(device), *batches[0], amp)
+    flops, rate = {m: method_flops(m, *pieces) for m in BENCHED}, matmul_rate(device, args.amp)
+    result = dict(device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
+                  amp=bool(args.amp), channels_last=bool(args.channels_last), compile=bool(args.compile),
+                  threads=torch.get_num_threads(), step_seconds=med, img_per_s={m: args.batch_size / med[m] for m in BENCHED},
+                  ratios=dict(robmask_over_advprop=med["robmask"] / med["advprop"],
+                              masked_over_plain=med["fwdbwd_masked"] / med["fwdbwd_plain"],
+                              frozen_attack_over_unfrozen=med["adv"] / med["adv_unfrozen"],
+                              pipeline_over_train=pipeline / (args.batch_size / med["bn"])),
+                  pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=rate,
+                  mfu={m: flops[m] / med[m] / rate for m in BENCHED}, peak_memory_mb=peak)
+    log(f"{'method':10s} {'step s':>8s} {'img/s':>8s} {'GFLOP/step':>11s} {'MFU':>6s} {'peak MB':>8s}")
+    for m in BENCHED:
+        log(f"{m:10s} {med[m]:8.4f} {result['img_per_s'][m]:8.1f} {flops[m] / 1e9:11.2f} {result['mfu'][m]:6.1%} "
+            f"{f'{peak[m]:.0f}' if cuda else '-':>8s}")
+    log(f"dense matmul {rate / 1e9:.1f} GFLOP/s; data pipeline {pipeline:.0f} img/s")
+    for key, v in result["ratios"].items():
+        log(f"{key:28s} {v:.3f}")
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+# ---- cost: what run_all.sh's stages would take at full scale, from counted FLOPs ---------------------------------
+COST_DEVICE = ("an H100 SXM at 40% of its 989 TFLOP/s dense bf16 peak", 0.4 * 989e12)
+DECODE_PER_WORKER = 150  # ImageNet images/s that one DataLoader worker decodes and crops (PIL; 100-250 measured)
+AA_STEPS = 1000  # AutoAttack standard, roughly: APGD-CE 100 steps + APGD-T 9 targets x 100, per image (a bound)
+DATASET_SIZES = dict(cifar10=(50_000, 10_000), cifar100=(50_000, 10_000), imagenet=(1_281_167, 50_000), synthetic=(2_560, 512))
+
+def command_flops(a, r, pieces):
+    """(FLOPs, ImageNet decode-bound hours) of one train/finetune-bn/eval/tradeoff command `a` on run `r`'s model."""
+    key = (r.arch, r.dataset, r.width, r.image_size, method_k(r.method, r.k))
+    if key not in pieces:  # per image: counted on 2 images at the run's resolution
+        hw = r.image_size if r.dataset == "imagenet" else 32
+        net = build_model(r.arch, 1000 if r.dataset == "imagenet" else 10, key[-1], r.width, r.dataset)
+        pieces[key] = [f / 2 for f in piece_flops(net, torch.rand(2, 3, hw, hw), torch.zeros(2, dtype=torch.long))]
+    (train, attack), (n_train, n_test) = pieces[key], DATASET_SIZES[r.dataset]
+    if a.command in ("train", "finetune-bn"):
+        images = (a.subset or r.subset or n_train) * a.epochs
+        flops = images * (method_flops(r.method, train, attack, r.attack_steps, r.k, r.robmask_adv_only)
+                          if a.command == "train" else train + (attack * r.attack_steps if a.finetune_on == "adv" else 0))
+        return flops, images / (DECODE_PER_WORKER * r.workers) / 3600 if r.dataset == "imagenet" else 0.0
+    rows = [0.0] if getattr(a, "attack", "pgd") == "none" else (a.eps if a.command == "eval" else [0.0, a.eps] * len(a.p))
+    steps = AA_STEPS if getattr(a, "attack", "") == "autoattack" else a.steps
+    return sum((a.n or n_test) * (train / 3 + (steps * attack if e > 0 else 0)) for e in rows), 0.0  # forward ≈ 1/3
+
+def cmd_cost(args):
+    """Reads `run_all.sh --dry-run` output; for every stage, the FLOPs of its train/finetune-bn/eval/tradeoff
+    commands (counted on the real models, per image) and the GPU-hours they take on COST_DEVICE: a lower bound,
+    since small CIFAR convolutions reach far less than 40% of a GPU's peak."""
+    import shlex
+    if not os.path.isfile(args.commands):
+        die(f"{args.commands} is not a file; save `bash run_all.sh --dry-run` output there first")
+    runs, pieces, totals, stage, seen = {}, {}, {}, None, set()
+    for line in open(args.commands, encoding="utf-8"):
+        if line.startswith("== stage "):
+            stage = line.split()[-1]
+            totals.setdefault(stage, [0.0, 0.0, 0])  # (a stage whose runs an earlier one made shows 0)
+        argv = shlex.split(line[2:]) if line.startswith("+ ") and " robmask.py " in line else []
+        argv = argv[argv.index("robmask.py") + 1:] if argv else []
+        if not argv or argv[0] not in ("train", "finetune-bn", "eval", "tradeoff") or stage is None or line in seen:
+            continue  # (a run that several stages need is counted once, in the first)
+        seen.add(line)
+        a = make_parser().parse_args(argv)
+        if a.command == "train":
+            validate(a)
+        # the run a command reads: the train command (earlier in the output) that wrote its checkpoint
+        r = a if a.command == "train" else runs.get(os.path.normpath(os.path.dirname(a.ckpt)))
+        if r is None:
+            continue
+        if a.command in ("train", "finetune-bn"):
+            runs[os.path.normpath(a.out)] = r
+        t, (flops, loader) = totals[stage], command_flops(a, r, pieces)
+        t[0], t[1], t[2] = t[0] + flops, t[1] + loader, t[2] + 1
+    log(f"Estimated cost at this scale, from counted FLOPs, on {COST_DEVICE[0]} (eval: PGD as counted, AutoAttack as "
+        f"{AA_STEPS} attack steps per image; ImageNet loader bound: {DECODE_PER_WORKER} img/s per worker):")
+    log(f"  {'stage':8s} {'commands':>8s} {'PFLOP':>10s} {'GPU-hours':>10s} {'decode-bound GPU-hours':>23s}")
+    for name, (flops, loader, count) in list(totals.items()) + [("all", [sum(t[i] for t in totals.values()) for i in range(3)])]:
+        log(f"  {name:8s} {count:8d} {flops / 1e15:10.1f} {flops / COST_DEVICE[1] / 3600:10.1f} "
+            f"{f'{loader:.1f}' if loader and name != 'all' else '-':>23s}")
+    return totals
+
+# ---- 5.6 Figures (matplotlib, imported only here) -------------------------------------------------
+FIG_DPI = 100
+FIG_SIZES = {"bn-params": (12, 3), "feature-maps": (12, 6), "curves": (6, 4), "tradeoff": (6, 4)}
+
+def bn_tensors(model, layer):
+    """(running mean, running var, γ, β) of the layer-th masked BN layer (1-based), clean basis u(0)."""
+    layers = masked_layers(model)
+    if not 1 <= layer <= len(layers):
+        die(f"--layer {layer} is out of range: the model has {len(layers)} BN layers (1..{len(layers)})")
+    set_mask(model, encode(0.0, layers[0].k))
+    m = layers[layer - 1]
+    return [t.detach() for t in (*m.eval_stats(), m.mix(m.W), m.mix(m.Wp))]
+
+def plot_bn_params(args, fig):
+    """Figure 1: running mean, running var, γ and β of one BN layer, for two checkpoints."""
+    axes = fig.subplots(1, 4)
+    for path, color in ((args.ckpt_a, "tab:blue"), (args.ckpt_b, "tab:orange")):
+        model, _ = load_checkpoint(path)
+        for ax, t, name in zip(axes, bn_tensors(model, args.layer), ("running mean μ", "running var σ²", "γ", "β")):
+            ax.plot(t.numpy(), color=color, lw=1, label=os.path.basename(os.path.dirname(os.path.abspath(path))))
+            ax.set(title=name, xlabel="channel")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+
+def first_bn_relu(model, x):
+    """Activations after the first BN + ReLU (where §3.1 looks), for one image."""
+    out = {}
+    hook = masked_layers(model)[0].register_forward_hook(lambda m, i, o: out.setdefault("a", F.relu(o)))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    return out["a"][0]
+
+def plot_feature_maps(args, fig):
+    """Figure 4: the channels after the first BN+ReLU of two models, side by side; red boxes mark
+    channels blocked (all zero) in one model but not the other, green boxes channels magnified
+    (mean activation more than 2x the other model's)."""
+    from matplotlib.patches import Rectangle
+    models = [load_checkpoint(p) for p in (args.ckpt_a, args.ckpt_b)]
+    if any(models[0][1][key] != models[1][1][key] for key in ("arch", "width", "dataset")):
+        die(f"{args.ckpt_a} and {args.ckpt_b} differ in architecture, width or dataset; channel i of one is not "
+            "channel i of the other: compare a model with its finetune-bn copy")
+    data = eval_data(args, models[0][1], torch.device("cpu"))
+    x = next(itertools.islice(data.test_batches(1), args.image, None), (None,))[0]  # image I, one at a time
+    if x is None:
+        die(f"--image {args.image} is out of range: the test set has fewer images")
+    acts = [first_bn_relu(fixed_mask(m, 0.0), x) for m, _ in models]
+    (c, h, w), means = acts[0].shape, [a.mean((1, 2)) for a in acts]
+    side = math.ceil(math.sqrt(c))
+    for i, (ax, a) in enumerate(zip(fig.subplots(1, 2), acts)):  # one tile per channel, side × side
+        grid = F.pad(a / (a.max() + 1e-12), (0, 1, 0, 1))  # (a one-pixel gap after each tile)
+        grid = F.pad(grid, (0, 0, 0, 0, 0, side * side - c)).view(side, side, h + 1, w + 1).permute(0, 2, 1, 3)
+        ax.imshow(grid.reshape(side * (h + 1), side * (w + 1)).numpy(), cmap="gray")
+        for ch in range(c):
+            blocked = a[ch].max() == 0 and acts[1 - i][ch].max() > 0
+            if blocked or means[i][ch] > 2 * means[1 - i][ch]:
+                r, q = divmod(ch, side)
+                ax.add_patch(Rectangle((q * (w + 1) - 0.5, r * (h + 1) - 0.5), w, h, fill=False, lw=1.5,
+                                       edgecolor="red" if blocked else "lime"))
+        ax.set_title(os.path.basename(os.path.dirname(os.path.abspath((args.ckpt_a, args.ckpt_b)[i]))), fontsize=8)
+        ax.axis("off")
+    fig.suptitle("after the first BN+ReLU: red = blocked here only, green = magnified >2x here")
+
+def read_log(run_dir):
+    """The epochs of a run's log.jsonl: a list of dicts with a numeric epoch and test_acc."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        die(f"{run_dir} has no log.jsonl; pass run directories written by `robmask.py train`")
+    rows = read_json(path, lines=True)
+    if not rows:
+        die(f"{path} has no epochs yet (an --epochs 0 run, or one stopped in its first epoch)")
+    if not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("epoch", "test_acc"))
+               for r in rows):
+        die(f"{path} is not a robmask training log (each line needs epoch and test_acc)")
+    return rows
+
+def plot_curves(args, fig):
+    """Figure 3: clean test accuracy per epoch, one line per run; the clean training accuracy dashed, where logged."""
+    ax = fig.subplots()
+    for run in args.runs:
+        rows = read_log(run)
+        line, = ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker=".",
+                        label=os.path.basename(os.path.normpath(run)))
+        train = [(r["epoch"], 100 * r["train_acc"]) for r in rows if isinstance(r.get("train_acc"), (int, float))]
+        if train:  # the gap between the two is the overfitting that RobMask's regulariser is meant to close
+            ax.plot(*zip(*train), linestyle="--", color=line.get_color())
+    ax.set(xlabel="epoch", ylabel="clean accuracy (%): test solid, training dashed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+
+def plot_tradeoff(args, fig):
+    """Clean against robust accuracy along p, one line per tradeoff JSON."""
+    ax = fig.subplots()
+    for path in args.files:
+        rows = read_json(path)
+        rows = rows.get("rows") if isinstance(rows, dict) else None
+        if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in
+                                                            ("p", "clean", "robust")) for r in rows):
+            die(f"{path} is not a `robmask.py tradeoff` result (it needs rows of p, clean, robust)")
+        ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o",
+                label=os.path.basename(path))
+        for r in rows:
+            ax.annotate(f"{r['p']:.1f}", (100 * r["clean"], 100 * r["robust"]), fontsize=6)
+    ax.set(xlabel="clean accuracy (%)", ylabel="PGD accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+
+PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves": plot_curves,
+         "tradeoff": plot_tradeoff}
+
+def cmd_plot(args):
+    args.out = check_out(args.out, "png", args.force)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=FIG_SIZES[args.kind])
+    PLOTS[args.kind](args, fig)
+    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
+    log(f"wrote {args.out}")
+
+# ---- 5.7 report: RESULTS.md from a runs folder written by run_all.sh ---------------------------
+# The run names are the contract with run_all.sh: <dataset>-<arch>-<method>-<short|long>-s<seed>,
+# fine-tuned copies add -ft-<on>-<params>. Evaluations sit beside the checkpoints as eval-*.json.
+# Every claim line restates the paper's text (its tables lost their numbers) in our own words.
+CLAIMS = {
+    1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness "
+       "from BN tuned on PGD examples, an adversarial one regains clean accuracy (and loses robustness) "
+       "from BN tuned on clean data; tuning γ does it, the running statistics barely change.",
+    2: "Mixing two BN maskings as (1-p)(γ,β) + p(γ',β') gives a smooth family of trade-offs from one stored model.",
+    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, with "
+       "similar gains on CIFAR-100; RobMask at 20 epochs is comparable to BN at 100.",
+    4: "On ImageNet ResNet-18, AdvProp barely helps while RobMask adds about 0.4 points.",
+    5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is "
+       "slightly worse at 8/255, the strength those two were trained on.",
+    6: "AutoAttack tells the same story as PGD; with ε_max = 10/255 RobMask trades a little clean "
+       "accuracy for better robustness at ε ≥ 6/255.",
+    7: "AdvProp with a random strength gets worse, extra auxiliary BNs help a little, and RobMask beats all of them.",
+    8: "RobMask's gains hold over three random seeds.",
+}
+
+class Runs:
+    """A runs folder written by run_all.sh, read defensively: a missing or malformed file makes a "not run" cell."""
+
+    def __init__(self, root):
+        self.root, self.notes = root, []  # notes: runs whose numbers are not final (partial) or not theirs (stale)
+
+    def json(self, path, lines=False):
+        """A file under the runs folder, or None when it is missing; an unreadable one is None with a warning."""
+        path = os.path.join(self.root, path)
+        try:
+            return read_json(path, lines) if os.path.isfile(path) else None
+        except UserError as e:
+            return warn(f"{e}: its cells show as not run")
+
+    def rows(self, path, keys):
+        """The rows of a result file that carry numeric `keys` (malformed ones are skipped, with a warning)."""
+        res = self.json(path, lines=path.endswith(".jsonl"))
+        rows = res if isinstance(res, list) else res.get("rows") if isinstance(res, dict) else None
+        if res is not None and not isinstance(rows, list):  # a number, a string, a boolean, an object...
+            warn(f"{os.path.join(self.root, path)} has no list of rows: its cells show as not run")
+            return []
+        good = [r for r in rows or [] if isinstance(r, dict) and all(
+            isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for key in keys)]
+        if res is not None and len(good) < len(rows or [1]):
+            warn(f"{os.path.join(self.root, path)} has rows without {', '.join(keys)}: skipped")
+        return good
+
+    def seeds(self, name):
+        """Run directories name-s0, name-s1, ... that hold a log."""
+        pat = re.compile(re.escape(name) + r"-s\d+$")
+        return sorted(os.path.join(self.root, d) for d in os.listdir(self.root)
+                      if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
+
+    def log(self, d):
+        return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
+
+    def args(self, d):
+        a = self.json(os.path.join(os.path.basename(d), "args.json"))
+        return a if isinstance(a, dict) else {}
+
+    def unfinished(self, d):
+        """'partial: E/N ep' for a run that stopped before its last epoch, else None."""
+        n, want = len(self.log(d)), self.args(d).get("epochs")
+        return f"partial: {n}/{want} ep" if isinstance(want, int) and n < want else None
+
+    def counts(self, d, file=None):
+        """Whether run d's numbers (its log, or its evaluation `file`) count; notes a partial run and leaves out an
+        evaluation of weights that the run no longer holds (retrained since: another run_id)."""
+        res, rows = self.json(os.path.join(os.path.basename(d), file)) if file else None, self.json(
+            os.path.join(os.path.basename(d), "log.jsonl"), lines=True)
+        if isinstance(res, dict) and "run_id" in res and isinstance(rows, list) and self.args(d) and \
+                res["run_id"] != run_id(self.args(d), rows):
+            self.notes.append(f"{os.path.basename(d)}/{file}: stale (the run was retrained after it), left out")
+            return False
+        if self.unfinished(d):
+            self.notes.append(f"{os.path.basename(d)}: {self.unfinished(d)}")
+        return True
+
+    def cell(self, values, name=None):
+        values = [v for v in values if v is not None]
+        flag = " (partial)" if name and any(self.unfinished(d) for d in self.seeds(name)) else ""
+        if not values:
+            return "not run"
+        mean = sum(values) / len(values)
+        if len(values) == 1:
+            return f"{100 * mean:.2f}{flag}"
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)}){flag}"
+
+    def per_seed(self, name, file, eps):
+        """{seed: accuracy at ε} from the eval JSON `file` of every seed of run `name` (stale ones left out)."""
+        return {int(d.rsplit("-s", 1)[1]): r["accuracy"] for d in self.seeds(name) if self.counts(d, file)
+                for r in self.rows(os.path.join(os.path.basename(d), file), ("eps", "accuracy")) if abs(r["eps"] - eps) < 1e-9}
+
+    def value(self, cell):
+        """A table cell from its spec: text as it is, ("final", run): the last epoch's test accuracy, or
+        ("eval", run, file, ε): the evaluation's accuracy at ε; mean ± std over the run's seeds."""
+        if isinstance(cell, str):
+            return cell
+        if cell[0] == "eval":
+            return self.cell(list(self.per_seed(*cell[1:]).values()), cell[1])
+        logs = [self.log(d) for d in self.seeds(cell[1]) if self.counts(d)]
+        return self.cell([log[-1]["test_acc"] for log in logs if log], cell[1])
+
+    def attack(self, file, default):
+        """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
+        for d in sorted(os.listdir(self.root)):
+            rows = self.rows(os.path.join(d, file), ("eps", "accuracy"))
+            if rows:
+                res = self.json(os.path.join(d, file))
+                aa = res.get("aa", "?") if isinstance(res, dict) else "?"
+                return f"PGD-{rows[-1].get('steps')}" if rows[-1].get("attack") == "pgd" else f"AutoAttack ({aa})"
+        return default
+
+def paper_tables(R):
+    """The paper's tables as data, in its order: (number, title, header, rows); a cell is text or a spec for R.value."""
+    b, e8, sweep, three = "cifar10-resnet18", 8 / 255, [i / 255 for i in range(9)], ("bn", "advprop", "robmask")
+    t1 = [("standard", "bn-long"), ("standard + BN fine-tuned on PGD (γ,β; μ,σ² re-estimated)", "bn-long-ft-adv-affine"),
+          ("adversarial", "adv-long"), ("adversarial + BN fine-tuned clean (γ,β; μ,σ² re-estimated)", "adv-long-ft-clean-affine"),
+          ("adversarial + γ fine-tuned clean (μ,σ² re-estimated)", "adv-long-ft-clean-gamma"),
+          ("adversarial + γ fine-tuned clean (μ,σ² frozen)", "adv-long-ft-clean-gamma-frozen"),
+          ("adversarial + β fine-tuned clean (μ,σ² re-estimated)", "adv-long-ft-clean-beta"),
+          ("adversarial + μ,σ² re-estimated clean (no gradient step)", "adv-long-ft-clean-stats")]
+    t2 = R.rows("table2-tradeoff.json", ("p", "clean", "robust"))
+    epochs = {n: next((R.args(d).get("epochs") for d in R.seeds(f"cifar10-preactresnet18-bn-{n}")), None) or "?"
+              for n in ("short", "long")}
+    t56 = [("adversarial", "adv"), ("AdvProp", "advprop"), ("RobMask", "robmask")]
+    seeds = R.seeds("cifar10-preactresnet18-robmask-long")
+    return [
+        (1, f"ResNet-18 on CIFAR-10, BN fine-tuning ({R.attack('eval.json', 'PGD')} at ε=8/255, mask clean)",
+         ["model", "clean", "PGD 8/255"], [[label, ("eval", f"{b}-{r}", "eval.json", 0.0), ("eval", f"{b}-{r}", "eval.json", e8)]
+                                           for label, r in t1]),
+        (2, "Trade-off slider between the adversarial model's BN (p=0) and its clean-fine-tuned BN (p=1)", ["p", "clean", "PGD"],
+         [[f"{r['p']:.1f}", f"{100 * r['clean']:.2f}", f"{100 * r['robust']:.2f}"] for r in t2] or [["not run"] * 3]),
+        (3, "clean test accuracy, CIFAR-10/100", ["dataset", "arch"] + [f"{m} {n} ({e} ep)" for n, e in epochs.items()
+                                                                        for m in ("BN", "AdvProp", "RobMask")],
+         [[ds, arch] + [("final", f"{ds}-{arch}-{m}-{n}") for n in epochs for m in three]
+          for ds in ("cifar10", "cifar100") for arch in ("preactresnet18", "resnext29", "densenet121")]),
+        (4, "ImageNet, ResNet-18, top-1", ["BN", "AdvProp", "RobMask"], [[("final", f"imagenet-resnet18-{m}-long") for m in three]]),
+        (5, f"ResNet-18 CIFAR-10, {R.attack('eval-pgd.json', 'PGD')} accuracy, mask matched to ε",
+         ["method"] + [f"{i}/255" for i in range(9)], [[label] + [("eval", f"{b}-{m}-long", "eval-pgd.json", e) for e in sweep]
+                                                       for label, m in t56]),
+        (6, f"ResNet-18 CIFAR-10, {R.attack('eval-aa.json', 'AutoAttack')} accuracy, mask matched to ε",
+         ["method"] + [f"{i}/255" for i in range(9)], [[label] + [("eval", f"{b}-{m}-long", "eval-aa.json", e) for e in sweep]
+                                                       for label, m in t56 + [("RobMask ε_max=10/255", "robmask-eps10")]]),
+        (7, "DenseNet-121 CIFAR-10, AdvProp variants", ["method", "clean"],
+         [[m, ("final", f"cifar10-densenet121-{m}-long")] for m in ("advprop", "advprop-random", "advprop-multi", "robmask")]),
+        (8, "RobMask over seeds (PreActResNet-18, CIFAR-10)", ["runs", "clean"],
+         [[", ".join(os.path.basename(d) for d in seeds) or "none", ("final", "cifar10-preactresnet18-robmask-long")]])]
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+STATS_ROWS = [("BN", "bn", ""), ("AdvProp", "advprop", ""), ("RobMask, mixed", "robmask-mixed", ""),
+              ("RobMask, mixed + recalibrate", "robmask-mixed", "-recal"), ("RobMask, split", "robmask-split", ""),
+              ("RobMask, shared", "robmask-shared", "")]
+
+def stats_section(R, out):
+    """The --bn-stats study of run_all.sh's `stats` stage: mean ± std over seeds, and paired differences."""
+    name = "cifar10-preactresnet18-stats-{}".format
+    cols = [("eval-clean{}.json", 0.0), ("eval-pgd20-clean{}.json", 8 / 255), ("eval-pgd20-matched{}.json", 8 / 255)]
+    rows = [[label] + [R.value(("eval", name(v), f.format(sfx), e)) for f, e in cols] for label, v, sfx in STATS_ROWS]
+    out += ["## Study: how masked BN keeps its running statistics (`--bn-stats`, run_all.sh stage `stats`)", "",
+            "*Question (not in the paper):* which statistics rule gives RobMask the best clean accuracy at u(0)? "
+            "PreActResNet-18, the same data, schedule and seeds for every row.", "",
+            table(["method", "clean, u(0), whole test set", "PGD-20 8/255, clean mask", "PGD-20 8/255, matched mask"],
+                  rows), "", "Paired differences in clean accuracy (points), per seed:", ""]
+    clean = {(v, sfx): R.per_seed(name(v), f"eval-clean{sfx}.json", 0.0) for _, v, sfx in STATS_ROWS}
+    diffs = []
+    for label, v, sfx in STATS_ROWS[2:]:
+        for base_label, base in (("BN", "bn"), ("AdvProp", "advprop")):
+            a, b = clean[(v, sfx)], clean[(base, "")]
+            d = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
+            per = ", ".join(f"s{s}: {100 * (a[s] - b[s]):+.2f}" for s in sorted(set(a) & set(b))) or "not run"
+            mean = f"{sum(d) / len(d):+.2f}" if d else "not run"
+            diffs.append((f"{label} − {base_label}", per, mean))
+    out += [table(["difference", "per seed", "mean"], diffs), ""]
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, 97.5%, df 1..10
+
+def verdict(d):
+    """Issue 16's pre-written rule on paired differences d (points): mean, 95% t-interval, and the reading."""
+    n = len(d)
+    if n < 2:
+        return f"{d[0]:+.2f}" if d else "not run", "", "needs 2 seeds or more"
+    mean = sum(d) / n
+    sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
+    half = (T975[n - 2] if n <= 11 else 1.96) * sd / n ** 0.5
+    lo, hi = mean - half, mean + half
+    if mean >= 1 and lo > 0:
+        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
+    if mean <= 0 and hi < 0.5:
+        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
+    more = next((m for m in range(n + 1, 101) if (T975[m - 2] if m <= 11 else 1.96) * sd / m ** 0.5 < abs(mean)), None)
+    return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", (
+        f"undecided: about {more} seeds would exclude 0" if more else "undecided at any number of seeds near this mean")
+
+def regime_section(R, out):
+    """The overfitting-regime study of run_all.sh's `regime` stage: per arm, mean ± std and paired differences."""
+    found = [re.match(r"cifar10-preactresnet18-regime-bn-e(\d+)-s\d+$", d) for d in sorted(os.listdir(R.root))]
+    big_e = next((int(m.group(1)) for m in found if m), None)
+    if big_e is None:
+        return
+    name = "cifar10-preactresnet18-regime-{}".format
+    out += ["## Study: where BN overfits (run_all.sh stage `regime`)", "", f"*Question:* does RobMask beat BN and "
+            f"AdvProp in clean accuracy where BN fits its training set? E = {big_e} epochs; paired over seeds.", ""]
+    for tag, eps, label in (("eps8", 8 / 255, "ε_max 8/255, PGD-7"), ("eps2", 2 / 255, "ε_max 2/255, PGD-2")):
+        arms = [("BN", f"bn-e{big_e}"), ("AdvProp", f"advprop-{tag}-e{big_e}"), ("RobMask", f"robmask-{tag}-e{big_e}"),
+                (f"RobMask, E/5 = {big_e // 5} epochs", f"robmask-{tag}-e{big_e // 5}"),
+                ("BN, RobMask's wall time", f"bn-{tag}-matched")]
+        rows, clean = [], {}
+        for lbl, v in arms:
+            clean[v] = R.per_seed(name(v), "eval-clean.json", 0.0)
+            logs = [log for log in map(R.log, R.seeds(name(v))) if log]
+            rows.append([lbl, R.cell(list(clean[v].values())), R.value(("eval", name(v), f"eval-pgd20-{tag}.json", eps)),
+                         R.cell([log[-1].get("train_acc") for log in logs]), ", ".join(str(len(log)) for log in logs) or "-"])
+        out += [f"### {label}", "", table(["method", "clean, u(0), whole test set", f"PGD-20 {round(eps * 255)}/255, "
+                                           "matched mask", "final train acc", "epochs per seed"], rows), ""]
+        diffs = []
+        for (a, b) in ((2, 0), (2, 1), (3, 0), (2, 4)):
+            x, y = clean[arms[a][1]], clean[arms[b][1]]
+            d = [100 * (x[s] - y[s]) for s in sorted(set(x) & set(y))]
+            diffs.append((f"{arms[a][0]} − {arms[b][0]}", ", ".join(f"{v:+.2f}" for v in d) or "not run", *verdict(d)))
+        out += [table(["difference (points)", "per seed", "mean", "95% t-interval", "reading"], diffs), ""]
+
+def cmd_report(args):
+    if not os.path.isdir(args.runs):
+        die(f"{args.runs} is not a folder; pass the runs folder that run_all.sh wrote (e.g. runs/quick)")
+    path = check_out(args.out or os.path.join(args.runs, "RESULTS.md"), "report", args.force)
+    R = Runs(args.runs)
+    out = ["# Results", "", f"Built by `python robmask.py report {args.runs}` from the runs in that folder. "
+           "Accuracies in %. \"not run\" marks a run that is missing; several seeds show mean ± std.", ""]
+    for n, title, header, rows in paper_tables(R):
+        out += [f"## Table {n}: {title}", "", f"*Paper's claim:* {CLAIMS[n]}", "",
+                table(header, [[R.value(cell) for cell in row] for row in rows]), ""]
+    secs = {m: [sum(e["seconds"] for e in log) / len(log) for log in map(R.log, R.seeds(f"cifar10-densenet121-{m}-long"))
+                if log] for m in ("advprop", "robmask")}
+    out += ["## Timing: seconds per epoch, DenseNet-121 CIFAR-10", "",
+            "*Paper's claim:* both use two forwards and one backward per step; 870 s (AdvProp) vs 890 s (RobMask).", "",
+            table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
+    stats_section(R, out)
+    regime_section(R, out)
+    figs = [(f, os.path.join("figures", f)) for f in ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png",
+                                                      "table2-tradeoff.png", "stats-curves.png", "regime-curves.png")]
+    if R.notes:  # what is not final, said once per run
+        out += ["## Not final", "", "Cells marked (partial) include runs that stopped before their last epoch; stale "
+                "evaluations were left out:", ""] + [f"- {n}" for n in dict.fromkeys(R.notes)] + [""]
+    out += ["## Figures", ""] + [f"- [{f}]({p})" if os.path.isfile(os.path.join(args.runs, p)) else f"- {f}: not run"
+                                 for f, p in figs]
+    atomic_write(path, lambda f: f.write(("\n".join(out) + "\n").encode()))
+    log(f"wrote {path}")
+
+# =============================================================================================
+# Plumbing: checkpoint files, run folders, the command line. A reader may skip to the end: nothing below is
+# in the paper. It makes bad input one line, never a traceback, and makes an interrupted run lose nothing.
+# =============================================================================================
+# ---- Files: every file robmask writes is checked first, written atomically, and read back with one-line errors
+def head(path, n=None):
+    """The first n bytes of a file (all for n=None), or b"" when it cannot be read."""
     try:
         with open(path, "rb") as f:
             return f.read(n)
     except OSError:
         return b""
 
+def json_keys(path):
+    """The top-level keys of a JSON object file (empty for anything else): how a writer knows its own files."""
+    try:
+        obj = json.loads(head(path) or b"0")
+    except ValueError:
+        return set()
+    return set(obj) if isinstance(obj, dict) else set()
 
 def own_export(path):
     """An earlier export: a robmask checkpoint that says so, or a torchvision state_dict with its own sidecar."""
-    if {"arch", "u", "source"} <= json_keys(path + ".json"):
-        return True
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = {} if {"arch", "u", "source"} <= json_keys(path + ".json") else torch.load(path, "cpu", weights_only=True)
     except Exception:
         return False
-    return isinstance(ck, dict) and ck.get("format") == FORMAT and "exported_from" in (ck.get("args") or {})
-
+    return ckpt == {} or isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and "exported_from" in (ckpt.get("args") or {})
 
 # What each writer recognises as a file it wrote itself, and may replace without --force
 OWN = {"results": lambda p: bool({"rows", "step_seconds"} & json_keys(p)),  # eval, tradeoff, bench
        "sidecar": lambda p: {"arch", "u", "source"} <= json_keys(p), "export": own_export,
        "png": lambda p: head(p, 8) == b"\x89PNG\r\n\x1a\n", "report": lambda p: head(p, 10) == b"# Results\n"}
-
 
 def check_out(path, kind, force=False, flag="--out"):
     """Every file robmask writes passes here first, before any expensive work. A path ending in / names a
@@ -1060,13 +1954,12 @@ def check_out(path, kind, force=False, flag="--out"):
         die(f"cannot write {flag} {path}: {e.strerror or e}")
     return path
 
-
 def atomic_write(path, write):
     """Write to a temporary file in the same folder, flush, fsync, rename over `path`, fsync the
     folder. A kill at any moment leaves either the old file or the new one, never half of one; a
     failed write (disk full, permissions) leaves the old file and no temporary one, and is one line."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp, fd = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}"), None
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -1074,17 +1967,15 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         die(f"could not write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0][:160]}; the previous "
             "version, if any, is intact")
     finally:
+        if fd is not None:
+            os.close(fd)
         if os.path.exists(tmp):
             os.remove(tmp)
-
 
 def write_json(path, obj):  # allow_nan=False: a NaN would be a bare token that no JSON reader accepts
     try:
@@ -1092,7 +1983,6 @@ def write_json(path, obj):  # allow_nan=False: a NaN would be a bare token that 
     except ValueError as e:
         die(f"refusing to write {path}: {e} (a NaN or inf result)")
     atomic_write(path, lambda f: f.write(text.encode()))
-
 
 def read_json(path, lines=False):
     """A JSON file (or JSON lines), with one-line errors that name the file."""
@@ -1105,14 +1995,12 @@ def read_json(path, lines=False):
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         die(f"{path} is not valid JSON{' lines' if lines else ''} ({str(e).splitlines()[0][:80]}); was it written by robmask?")
 
-
 # The stored arguments a checkpoint must have, with their types and ranges: a forged or damaged file with
 # the right format tag still gets one line, never a traceback deep inside build_model.
 CKPT_ARGS = {"arch": (str, lambda v: v in ARCHS or v in torchvision_archs()), "method": (str, lambda v: v in METHODS),
              "k": (int, lambda v: 1 <= v <= MAX_K), "width": (int, lambda v: 1 <= v <= MAX_WIDTH),
              "num_classes": (int, lambda v: v >= 1), "dataset": (str, lambda v: v in MEAN_STD),
              "eps_max": ((int, float), lambda v: 0 <= v <= 1), "bn_stats": (str, lambda v: v in BN_STATS)}
-
 
 def read_checkpoint(path):
     """torch.load with weights_only=True (tensors and plain Python only), with one-line errors."""
@@ -1142,7 +2030,6 @@ def read_checkpoint(path):
             die(f"{path} is corrupt or foreign: its stored {key} is {v!r}; robmask only loads files it wrote")
     return ckpt
 
-
 def load_state(model, state, path, what):
     """load_state_dict, but a mismatch is one sentence naming it instead of a wall of keys."""
     own = model.state_dict()
@@ -1160,12 +2047,10 @@ def load_state(model, state, path, what):
         die(f"{path} holds non-finite weights (NaN or inf in {bad[0]}); use an earlier checkpoint or retrain")
     model.load_state_dict(state)
 
-
 def run_id(args, history):
     """A run's identity, from what its folder keeps even without the checkpoint (args.json and log.jsonl): an
     evaluation records it, and report refuses an evaluation whose run has since been retrained."""
     return hashlib.sha256(json.dumps([args, history], sort_keys=True).encode()).hexdigest()[:16]
-
 
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode, args dict) from a robmask checkpoint; args["run_id"] names the weights measured."""
@@ -1175,164 +2060,17 @@ def load_checkpoint(path, device="cpu"):
     load_state(model, ckpt["model"], path, f"{a['arch']} (k={a['k']}, {a['num_classes']} classes)")
     return model.to(device).eval(), a
 
+def save_run(out, net, opt, args_json, epoch, history, complete):
+    ckpt = dict(format=FORMAT, model=net.state_dict(), args=args_json, epoch=epoch, log=history,
+                complete=complete, optimizer=opt.state_dict() if opt is not None else None)
+    atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
+    atomic_write(os.path.join(out, "log.jsonl"),
+                 lambda f: f.write("".join(json.dumps(e, allow_nan=False) + "\n" for e in history).encode()))
 
-# ---- 5.4 Training ------------------------------------------------------------------------------
-def setup_device(args):
-    """(device, rank, world). Under torchrun: one process per GPU (nccl), or gloo on the CPU."""
-    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {want} was asked for, but no CUDA device is visible; use --device cpu")
-    if want == "cpu":
-        # x86 CPUs slow down by up to a third on denormal floats, which PGD's input gradients produce on
-        # some data and not on other: flushing them to zero makes a step's time depend on its work only
-        torch.set_flush_denormal(True)
-    distributed, device = int(os.environ.get("WORLD_SIZE", "1")) > 1, torch.device(want)
-    if device.type == "cuda":
-        # A device needs its index: under torchrun the process's own GPU (LOCAL_RANK); for a bare "cuda" the
-        # current one. It becomes the current device before any collective, so that NCCL binds to it and
-        # synchronize() and the memory counters refer to it.
-        index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index
-        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 for fp32 GEMMs/convs
-    rank, world = 0, 1
-    if distributed:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    device_id=device if device.type == "cuda" else None)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return device, rank, world
-
-
-def place(net, args, device):
-    """The model on `device`, in channels_last memory format and compiled when the flags ask for it."""
-    net.to(device)
-    if args.channels_last:
-        net.to(memory_format=torch.channels_last)
-    if args.compile:
-        net.compile()  # compiles forward in place; state_dict keys stay as they are
-    return net
-
-
-def amp_context(args, device):
-    """A factory of fresh autocast contexts (bf16 with --amp); `with amp():` wherever a forward runs."""
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
-
-
-def cosine_lr(step, total, base, warmup=0):
-    """Cosine schedule (paper §5), per step; derived from the step, so a resumed run needs no state.
-    --warmup: first a linear ramp base·(step+1)/warmup over `warmup` steps (as the public AdvProp and
-    dual-BN codes do), then the cosine over the remaining steps. warmup=0 is the paper's schedule."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-def all_reduce(values, device):
-    """Sums of Python numbers over the DDP ranks (a single process has nothing to add)."""
-    if not dist.is_initialized():
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=contextlib.nullcontext,
-             rank=0, world=1):
-    """Accuracy of `model` with mask u on (a fixed balanced subset n of) the test set, under PGD-`steps`
-    at ε (clean for ε=0). Runs in eval mode; across DDP ranks the counts are all-reduced."""
-    was_training = model.training
-    model.eval()
-    set_mask(model, u)
-    correct, total = torch.zeros((), dtype=torch.long, device=data.device), 0  # counted on the device: no wait per batch
-    for x, y in data.test_batches(batch_size, n, rank, world):
-        if eps > 0:
-            with amp():
-                x = pgd(model, x, y, eps, eps / 5, steps, check=False)
-        with torch.no_grad(), amp():
-            correct += (model(x).argmax(1) == y).sum()
-        total += len(y)
-    model.train(was_training)
-    correct, total = all_reduce([correct.item(), total], data.device)
-    return correct / max(total, 1), int(total)
-
-
-FINITE_EVERY = 50  # steps between checks that the loss is finite: each check makes the host wait for the GPU
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, total_steps):
-    """One epoch of Algorithm 1. Returns its log entry: mean loss, clean training accuracy, mean loss per
-    branch (methods with more than one), images per second, seconds."""
-    net.train()
-    steps = data.steps_per_epoch(args.batch_size)
-    warmup = round(args.warmup * steps)
-    branch_sum, hits, seen = 0.0, None, 0
-    # p is drawn from its own generator, seeded from (seed, epoch) and identical on every rank,
-    # so that all ranks use the same mask u(p); the PGD random starts use torch's per-rank RNG.
-    p_gen = torch.Generator().manual_seed(args.seed * 7919 + epoch)
-    torch.manual_seed(args.seed * 100_003 + epoch * 1_009 + rank)
-    loss_sum, t0, last_print = torch.zeros((), device=device), time.time(), time.time()
-    first_bad, bad_loss = torch.full((), steps, device=device), torch.zeros((), device=device)  # steps: none yet
-    for step, (x, y) in enumerate(data.train_batches(epoch, args.batch_size, args.seed, rank, world)):
-        if opt is not None:
-            lr = cosine_lr(epoch * steps + step, total_steps, args.lr, warmup)
-            for group in opt.param_groups:
-                group["lr"] = lr
-        loss = train_step(net, step_module, opt, x, y, None, args, amp, p_gen)  # p=None: method_loss draws it
-        new_bad = ~torch.isfinite(loss) & (first_bad == steps)  # on the device: no wait for the GPU here
-        first_bad, bad_loss = torch.where(new_bad, step, first_bad), torch.where(new_bad, loss, bad_loss)
-        if (step + 1) % FINITE_EVERY == 0 or step + 1 == steps:
-            stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world)
-        loss_sum += loss
-        ces, step_hits = getattr(step_module, "module", step_module).last  # DDP keeps BranchLoss as .module
-        branch_sum = branch_sum + ces
-        if step_hits is not None:
-            hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
-        if time.time() - last_print > args.log_every and rank == 0:
-            last_print, done = time.time(), step + 1
-            rate = done * args.batch_size / (time.time() - t0)
-            acc = f"  train_acc {hits.item() / seen:.4f}" if hits is not None else ""
-            log(f"  epoch {epoch + 1} step {done}/{steps}  loss {loss_sum.item() / done:.4f}{acc}  {rate:.0f} img/s  "
-                f"epoch ETA {fmt_time((steps - done) * args.batch_size / rate)}")
-    seconds = time.time() - t0
-    sums = all_reduce([loss_sum.item(), seen, hits.item() if hits is not None else 0, *branch_sum.tolist()], device)
-    entry = dict(train_loss=sums[0] / world / max(steps, 1))
-    if hits is not None:
-        entry["train_acc"] = sums[2] / max(sums[1], 1)
-    if len(sums) > 4:  # two branches or more: each one's own mean CE, in branch order (clean first)
-        entry["branch_loss"] = [b / world / max(steps, 1) for b in sums[3:]]
-    return dict(entry, img_per_s=steps * args.batch_size / max(seconds, 1e-9), seconds=seconds)
-
-
-def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
-    """Stop if a step of this epoch had a non-finite loss (checked every FINITE_EVERY steps and at the end of
-    the epoch, so before every save). Under DDP every rank stops, not only the one that saw it."""
-    flag = first_bad.clone()
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if not bool(flag == steps):  # (steps: no step was bad)
-        seen = f"{bad_loss.item()} here" if first_bad < steps else "on another rank"
-        die(f"the loss became non-finite ({seen}) at epoch {epoch + 1}, step {int(flag) + 1}; training stopped and the "
-            "last good checkpoint was kept. Lower --lr (or check the data) and start again")
-
-
-def check_ranks_agree(net, device):
-    """Under DDP every rank must hold the same weights; returns the largest difference to rank 0."""
-    flat = torch.cat([p.detach().flatten().float() for p in net.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    return all_reduce([(flat - ref).abs().max().item()], device)[0]
-
-
+# ---- Run folders: --resume, --force, one writer per folder
 # May change on --resume: where things are, how fast, how loud. The run's identity is its directory's
 # contents, not the string that named it, so --out and finetune-bn's source path may differ too.
 RUNTIME_KEYS = ("device", "compile", "log_every", "workers", "resume", "force", "check", "data_dir", "out", "source")
-
 
 def prepare_out_dir(args, given):
     """Apply --resume/--force to --out. Returns the checkpoint to resume from, or None. `given` holds the
@@ -1343,9 +2081,9 @@ def prepare_out_dir(args, given):
     if args.resume and os.path.exists(ck_path):
         ckpt = read_checkpoint(ck_path)
         stored = ckpt["args"]
-        for key in sorted(given):  # a flag that contradicts the stored run is an error
+        for key, flag in sorted(given.items()):  # a flag that contradicts the stored run is an error
             if key in stored and key not in RUNTIME_KEYS and getattr(args, key) != stored[key]:
-                die(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run in {args.out} ({stored[key]}); "
+                die(f"{flag} {getattr(args, key)} differs from the run in {args.out} ({stored[key]}); "
                     "--resume continues the stored run: drop the flag, or use a new --out")
         for key, value in stored.items():  # runtime flags may change; the rest is the stored run
             if key not in RUNTIME_KEYS or getattr(args, key, None) is None:
@@ -1357,11 +2095,9 @@ def prepare_out_dir(args, given):
         die(f"--out {args.out} already holds a run; pass --resume to continue it, or --force to overwrite it")
     return None
 
-
 def lock_run_dir(out):
     """One writer per run directory: an exclusive flock on OUT/.lock, held while the returned file is open."""
     import fcntl
-
     f = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1374,7 +2110,6 @@ def lock_run_dir(out):
     f.flush()
     return f
 
-
 def run_training(args, given, init_from=None):
     """`train` and `finetune-bn` hold the run directory's lock throughout; a directory this process created
     and that fails before its first checkpoint is removed again (only by the lock holder, never a loser)."""
@@ -1386,7 +2121,7 @@ def run_training(args, given, init_from=None):
     os.makedirs(args.out, exist_ok=True)
     lock = lock_run_dir(args.out) if rank0 else None
     try:
-        _run_training(args, given, init_from)
+        fit(args, given, init_from)
     except BaseException:
         if created and rank0 and not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
             for f in ("args.json", ".lock"):
@@ -1400,1009 +2135,7 @@ def run_training(args, given, init_from=None):
         if lock is not None:
             lock.close()
 
-
-def _run_training(args, given, init_from=None):
-    """The training loop shared by `train` and `finetune-bn`: DDP, AMP, compile, checkpoints, resume."""
-    device, rank, world = setup_device(args)
-    if args.batch_size % world or args.batch_size // world < 2:
-        die(f"--batch-size {args.batch_size} is the global batch; it must divide among the {world} processes, "
-            "with at least 2 images each (BN training needs 2)")
-    ckpt = prepare_out_dir(args, given)
-    if ckpt is not None and ckpt.get("complete"):
-        log(f"[skip] {args.out} is complete ({ckpt['epoch']} epochs)")
-        return
-    data = load_data(args, device, rank, world)
-    if args.num_classes is not None and args.num_classes != len(data.classes):
-        die(f"the checkpoint has {args.num_classes} classes but the data in {args.data_dir} has "
-            f"{len(data.classes)}; give the matching --data-dir")
-    if getattr(args, "classes", None) and list(args.classes) != list(data.classes):
-        die(f"the class names of the data in {args.data_dir} are not the checkpoint's; give the matching --data-dir")
-    args.num_classes, args.k, args.classes = len(data.classes), method_k(args), list(data.classes)
-    torch.manual_seed(args.seed)
-    net = build_model(args.arch, args.num_classes, args.k, args.width, args.dataset, args.bn_stats)
-    try:  # one tiny forward now, rather than a shape error deep inside the first epoch
-        with torch.no_grad():
-            net.eval()(torch.zeros(2, 3, *data.image_hw))
-    except RuntimeError as e:
-        die(f"images of {data.image_hw[0]}x{data.image_hw[1]} are too small for {args.arch} "
-            f"({str(e).splitlines()[0][:100]}); use larger images (--image-size) or another --arch")
-    what = f"{args.arch} (k={args.k}, {args.num_classes} classes)"
-    if init_from is not None:  # finetune-bn: start from the source checkpoint's weights
-        load_state(net, read_checkpoint(init_from)["model"], init_from, what)
-    args.params = count_params(net)
-    place(net, args, device)
-    params = trainable_parameters(net, args.bn_params)
-    opt = (torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-           if params else None)  # paper §5: SGD, momentum 0.9, weight decay 5e-4, lr 0.1 for θ, W, W'
-    history, start = [], 0
-    if ckpt is not None:
-        load_state(net, ckpt["model"], args.out, what)
-        if opt is not None:
-            opt.load_state_dict(ckpt["optimizer"])
-        history, start = ckpt["log"], ckpt["epoch"]
-        log(f"resuming {args.out} after epoch {start}")
-    args_json = {k: v for k, v in vars(args).items() if k != "check"}
-    if rank == 0:
-        write_json(os.path.join(args.out, "args.json"), args_json)
-    amp = amp_context(args, device)
-    step_module = BranchLoss(net, amp)
-    if world > 1 and opt is not None:  # (finetune-bn --params stats trains nothing: no gradients to all-reduce)
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
-    steps = data.steps_per_epoch(args.batch_size)
-    if steps == 0:
-        die(f"the training set has fewer images ({args.subset or 'all'}) than one batch ({args.batch_size}); lower --batch-size")
-    job = (f"fine-tuning BN ({args.bn_params}) on {args.finetune_on} images" if args.bn_params
-           else f"training {args.method}")
-    log(f"{job} ({what}, {args.params:,} parameters) on {args.dataset}: {args.epochs} epochs "
-        f"x {steps} steps of {args.batch_size}, {world} process(es) on {device}")
-    for epoch in range(start, args.epochs):
-        ep = train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, args.epochs * steps)
-        acc, _ = accuracy(net, data, mask_for(args, 0), batch_size=2 * args.batch_size // world, n=args.test_n,
-                          amp=amp, rank=rank, world=world)
-        lr = cosine_lr((epoch + 1) * steps, args.epochs * steps, args.lr, round(args.warmup * steps))
-        entry = dict(epoch=epoch + 1, lr=lr, test_acc=acc, **ep)
-        if world > 1:
-            entry["rank_max_abs_diff"] = check_ranks_agree(net, device)
-        history.append(entry)
-        extra = "".join(f"  {key} {ep[key]:.4f}" for key in ("train_acc",) if key in ep)
-        extra += f"  branches {' '.join(f'{b:.3f}' for b in ep['branch_loss'])}" if "branch_loss" in ep else ""
-        log(f"epoch {epoch + 1}/{args.epochs}  loss {ep['train_loss']:.4f}{extra}  test_acc {acc:.4f}  lr {lr:.4f}  "
-            f"{ep['img_per_s']:.0f} img/s  {ep['seconds']:.1f}s")
-        bad = next((key for key, t in net.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-        if bad is not None:  # every rank holds the same weights, so every rank stops here
-            die(f"the weights became non-finite ({bad}) in epoch {epoch + 1}; nothing was saved for it"
-                f"{', the last good checkpoint stays' if start or epoch else ''}. Lower --lr (or check the data) and start again")
-        if rank == 0:
-            save_run(args.out, net, opt, args_json, epoch + 1, history, complete=epoch + 1 == args.epochs)
-    if args.epochs == start == 0 and rank == 0:
-        save_run(args.out, net, opt, args_json, 0, history, complete=True)
-    if world > 1:  # nobody tears down the process group while rank 0 is still writing its checkpoint
-        dist.barrier()
-
-
-def save_run(out, net, opt, args_json, epoch, history, complete):
-    ckpt = dict(format=FORMAT, model=net.state_dict(), args=args_json, epoch=epoch, log=history,
-                complete=complete, optimizer=opt.state_dict() if opt is not None else None)
-    atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
-    atomic_write(os.path.join(out, "log.jsonl"),
-                 lambda f: f.write("".join(json.dumps(e, allow_nan=False) + "\n" for e in history).encode()))
-
-
-def cmd_train(args, given):
-    args.num_classes = args.classes = args.bn_params = args.finetune_on = None  # set by the data, and by finetune-bn
-    run_training(args, given)
-
-
-def cmd_finetune_bn(args, given):
-    """§3.1 / Table 1: fine-tune only BN of a trained k=1 model, on clean images or on PGD examples."""
-    src = read_checkpoint(args.ckpt)
-    a = dict(src["args"])
-    if args.data_dir and a["dataset"] == "synthetic":
-        die(f"--data-dir is not used: {args.ckpt} was trained on the built-in synthetic data; drop it")
-    if a["k"] != 1:
-        die(f"finetune-bn works on single-BN (k=1) checkpoints such as bn or adv runs; {args.ckpt} has k={a['k']}")
-    own = {k: v for k, v in vars(args).items() if k not in ("ckpt", "on", "eps", "params")}
-    a.update({k: v for k, v in own.items() if v is not None or k not in a})
-    a.update(method="bn" if args.on == "clean" else "adv", bn_params=args.params, source=os.path.abspath(args.ckpt),
-             eps_max=args.eps if args.eps is not None else a["eps_max"], finetune_on=args.on, warmup=0)
-    ft = argparse.Namespace(**a)
-    given = {dict(on="method", params="bn_params", eps="eps_max").get(k, k) for k in given}
-    run_training(ft, given, init_from=None if args.resume and os.path.exists(
-        os.path.join(args.out, "checkpoint.pt")) else args.ckpt)
-
-
-# ---- 5.5 Evaluation: PGD-100 and AutoAttack, under a chosen mask ---------------------------------
-# Which mask to evaluate with (--mask): `clean` is u(0), the deployable setting (the defender
-# cannot know ε at test time); `matched` is u(ε/ε_max) per row, which assumes the defender knows
-# ε: it is how the robustness tables compare methods (AdvProp: main BN at ε=0, auxiliary BN
-# otherwise); a number P is a fixed u(P).
-def row_mask(args_ck, mask, eps):
-    """(u, the strength u stands for): --recalibrate measures at that strength (clean → 0, matched → ε)."""
-    if mask == "clean":
-        return mask_for(_ns(args_ck), 0.0), 0.0
-    if mask == "matched":
-        return mask_for(_ns(args_ck), eps / args_ck["eps_max"] if args_ck["eps_max"] else 0.0), eps
-    return encode(float(mask), args_ck["k"]), float(mask) * args_ck["eps_max"]
-
-
-def _ns(d):
-    return argparse.Namespace(**d)
-
-
-def eval_data(args, ck_args, device):
-    """The test data that a checkpoint was trained on (or in --data-dir instead)."""
-    a = _ns(dict(ck_args))
-    if ck_args["dataset"] == "synthetic" and getattr(args, "data_dir", None):
-        die("--data-dir is not used: the checkpoint was trained on the built-in synthetic data; drop it")
-    if getattr(args, "data_dir", None):
-        a.data_dir = args.data_dir
-    # the test split, and N training images for --recalibrate N (subset=1 keeps an image-folder reader
-    # from decoding the rest of the training set)
-    a.subset, a.test_n, a.channels_last, a.workers = getattr(args, "recalibrate", None) or 1, None, False, getattr(args, "workers", 4)
-    a.image_size = ck_args.get("image_size", 224)
-    data = load_data(a, device)
-    if len(data.classes) != ck_args["num_classes"] or ck_args.get("classes", data.classes) != list(data.classes):
-        die(f"the checkpoint's {ck_args['num_classes']} classes are not the {len(data.classes)} class folders of "
-            f"{a.data_dir or a.dataset} (names or number differ); pass the --data-dir it was trained on")
-    return data
-
-
-# Precise BN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the running averages are an
-# estimate made while the weights were still moving, and under --bn-stats mixed a biased one (see
-# MaskedBatchNorm2d). --recalibrate N measures, at the evaluated mask u, the population mean and
-# unbiased variance of every BN layer's input over N training images, in train-mode forwards: clean
-# images for a mask that stands for ε=0, PGD examples at the mask's ε otherwise (the inputs it saw in
-# training). The result is a copy with one set of statistics per layer; the checkpoint is untouched.
-def recalibrate(model, batches, u, eps=0.0, steps=7):
-    model = copy.deepcopy(model)
-    layers = masked_layers(model)
-    moments = {m: torch.zeros(3, m.num_features, dtype=torch.float64, device=m.W.device) for m in layers}
-
-    def measure(m, inputs):  # count, Σx and Σx² per channel, in float64
-        x = inputs[0].detach().double()
-        moments[m] += torch.stack([torch.full_like(x[0, :, 0, 0], x.numel() / x.shape[1]), x.sum((0, 2, 3)),
-                                   x.pow(2).sum((0, 2, 3))])
-
-    for x, y in batches:
-        if eps > 0:  # attack the model as loaded, in eval mode with mask u
-            model.eval()
-            set_mask(model, u)
-            x = pgd(model, x, y, eps, eps / 5, steps, check=False)
-        hooks = [m.register_forward_pre_hook(measure) for m in layers]
-        model.train()
-        set_mask(model, u, adversarial=eps > 0)
-        with torch.no_grad(), attack_bn_mode(model, "train"):  # batch statistics, running ones untouched
-            try:
-                model(x)
-            except ValueError as e:  # "Expected more than 1 value per channel": a batch of 1 on 1x1 maps
-                die(f"--recalibrate cannot measure BN statistics here ({str(e).splitlines()[0][:80]}); give it more "
-                    "training images (at least 2 per batch)")
-        for h in hooks:
-            h.remove()
-    for m, (n, s1, s2) in moments.items():
-        if not n[0] >= 2:
-            die("--recalibrate needs at least 2 values per channel; give it more training images")
-        mean = s1 / n
-        m.running_mean = mean.float()[None]
-        m.running_var = ((s2 - s1 * mean) / (n - 1)).float()[None]
-    return model.eval()
-
-
-def recalibrated(model, ck, args, data, cache, u, eps_r):
-    """The model to measure at mask u: itself, or (--recalibrate N) its recalibrated copy, cached per (u, ε)."""
-    if not args.recalibrate:
-        return model
-    key = (tuple(u.tolist()), eps_r)
-    if key not in cache:
-        t0 = time.time()
-        b = math.ceil(args.recalibrate / math.ceil(args.recalibrate / args.batch_size))  # equal batches, ≤ N in all
-        if data.steps_per_epoch(b) * b < args.recalibrate:  # say (and record) how many images there really were
-            have = data.steps_per_epoch(1)  # the training set's size
-            b = min(b, have)
-            warn(f"--recalibrate {args.recalibrate}: the training set has only {have} images; recalibrating on "
-                 f"{data.steps_per_epoch(b) * b} of them")
-            args.recalibrate = data.steps_per_epoch(b) * b
-        batches = data.train_batches(0, b, args.seed)
-        cache[key] = recalibrate(model, batches, u, eps_r, ck.get("attack_steps", 7))
-        log(f"  recalibrated BN statistics at u={[round(v, 3) for v in u.tolist()]} on {args.recalibrate} training "
-            f"images ({f'PGD at {eps_r * 255:.2f}/255' if eps_r else 'clean'}, {time.time() - t0:.1f}s)")
-    return cache[key]
-
-
-def autoattack_accuracy(model, data, u, eps, args, device):
-    """Robust accuracy under AutoAttack (pyautoattack) with the mask fixed to u."""
-    import logging
-
-    from pyautoattack import AutoAttack
-
-    logger = logging.getLogger("auto-attack")  # it reports progress at DEBUG level: show it
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("  autoattack: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    xs, ys = zip(*data.test_batches(args.batch_size, args.n))
-    x, y = torch.cat(xs), torch.cat(ys)
-    clf = fixed_mask(model, u=u).eval()
-    if eps > 0:
-        attacks = args.aa_attacks.split(",") if args.aa_version == "custom" else None
-        aa = AutoAttack(clf, norm="Linf", eps=eps, version=args.aa_version, attacks=attacks, device=device, seed=args.seed)
-        x, _ = aa.run_standard_evaluation(x, y, batch_size=args.batch_size)
-    with torch.no_grad():
-        correct = sum((clf(x[i:i + args.batch_size]).argmax(1) == y[i:i + args.batch_size]).sum().item()
-                      for i in range(0, len(y), args.batch_size))
-    return correct / len(y), len(y)
-
-
-def cmd_eval(args):
-    args.out = args.out and check_out(args.out, "results", args.force)
-    device, _, _ = setup_device(args)
-    model, ck = load_checkpoint(args.ckpt, device)
-    data = eval_data(args, ck, device)
-    rows, cache = [], {}
-    for eps in (args.eps if args.attack != "none" else [0.0]):
-        u, eps_r = row_mask(ck, args.mask, eps)
-        m = recalibrated(model, ck, args, data, cache, u, eps_r)
-        torch.manual_seed(args.seed)  # the same PGD random starts on every call
-        t0 = time.time()
-        if args.attack == "autoattack":
-            acc, n = autoattack_accuracy(m, data, u, eps, args, device)
-        else:
-            acc, n = accuracy(m, data, u, eps, args.steps, args.batch_size, args.n, amp_context(args, device))
-        rows.append(dict(attack=args.attack, eps=eps, steps=args.steps if args.attack == "pgd" else None,
-                         mask=args.mask, u=u.tolist(), accuracy=acc, n=n, recalibrate=args.recalibrate))
-        log(f"{args.attack:10s} eps {eps * 255:5.2f}/255  mask {args.mask:7s} u={[round(v, 3) for v in u.tolist()]}  "
-            f"accuracy {acc:.4f}  (n={n}, {time.time() - t0:.1f}s)")
-    result = dict(checkpoint=args.ckpt, method=ck["method"], rows=rows, amp=args.amp, run_id=ck["run_id"],
-                  run_epoch=ck["run_epoch"])
-    if args.attack == "autoattack":
-        result["aa"] = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
-    if args.out:
-        write_json(args.out, result)
-    return result
-
-
-def cmd_tradeoff(args):
-    """§3.2 / Table 2: clean and PGD accuracy along u = [1-p, p]."""
-    args.out = check_out(args.out, "results", args.force)
-    device, _, _ = setup_device(args)
-    if args.ckpt_b:
-        model, ck = combine_checkpoints(args.ckpt, args.ckpt_b, device)
-    else:
-        model, ck = load_checkpoint(args.ckpt, device)
-        if ck["k"] < 2:
-            die(f"{args.ckpt} has a single BN (k=1): there is nothing to slide between. Pass a second "
-                "checkpoint that differs only in BN (e.g. its finetune-bn copy), or a RobMask/AdvProp run")
-    k = num_bases(model)
-    data = eval_data(args, ck, device)
-    rows, cache = [], {}
-    for p in args.p:
-        u = encode(p, k)
-        # --recalibrate: a RobMask/AdvProp checkpoint's u(p) stands for ε = p·ε_max; the two-checkpoint
-        # slider's bases stand for no ε (its p=1 end was tuned on clean images), so clean images for all p
-        m = recalibrated(model, ck, args, data, cache, u, 0.0 if args.ckpt_b else p * ck["eps_max"])
-        amp = amp_context(args, device)
-        clean, n = accuracy(m, data, u, 0.0, 0, args.batch_size, args.n, amp)
-        torch.manual_seed(args.seed)
-        robust, _ = accuracy(m, data, u, args.eps, args.steps, args.batch_size, args.n, amp)
-        rows.append(dict(p=p, u=u.tolist(), clean=clean, robust=robust, eps=args.eps, steps=args.steps, n=n,
-                         recalibrate=args.recalibrate))
-        log(f"p {p:.2f}  clean {clean:.4f}  pgd{args.steps}@{args.eps * 255:.1f}/255 {robust:.4f}  (n={n})")
-    result = dict(checkpoints=[c for c in (args.ckpt, args.ckpt_b) if c], rows=rows)
-    write_json(args.out, result)
-    return result
-
-
-# Export: with u fixed, every masked BN *is* an ordinary BN, with γ = Σ_j u_j w_j, β = Σ_j u_j w'_j and the
-# statistics that evaluation uses at u. Folding them gives a plain model that any tool can evaluate
-# (RobustBench's convention: x in [0,1] NCHW in, logits out, normalisation inside, eval mode).
-def fold_mask(model, u):
-    """The state_dict of a k=1 model that computes in eval mode exactly what `model` computes at mask u."""
-    set_mask(model, u)
-    sd = dict(model.state_dict())
-    for name, m in model.named_modules():
-        if isinstance(m, MaskedBatchNorm2d):
-            for key, t in zip(("W", "Wp", "running_mean", "running_var"), (m.mix(m.W), m.mix(m.Wp), *m.eval_stats())):
-                sd[f"{name}.{key}"] = t.detach()[None].clone()
-    return sd
-
-
-def cmd_export(args):
-    args.out = check_out(args.out, "export", args.force)
-    meta_path = check_out(args.out + ".json", "sidecar", args.force, "--out's sidecar") if args.format == "torchvision" else None
-    model, ck = load_checkpoint(args.ckpt)
-    u, _ = row_mask(ck, args.mask, 0.0)
-    sd = fold_mask(model, u)
-    if args.format == "robmask":  # a k=1 robmask checkpoint: eval, tradeoff, finetune-bn and plot all take it
-        a = dict({k: v for k, v in ck.items() if k not in ("run_id", "run_epoch")}, k=1, method="bn", bn_stats="mixed",
-                 exported_from=os.path.abspath(args.ckpt), export_u=u.tolist())
-        ckpt = dict(format=FORMAT, model=sd, args=a, epoch=0, log=[], complete=True, optimizer=None)
-        atomic_write(args.out, lambda f: torch.save(ckpt, f))
-    else:  # torchvision.models.<arch>(num_classes=N).load_state_dict(sd, strict=True), constants in OUT.json
-        if ck["dataset"] != "imagenet":
-            die(f"--format torchvision needs a torchvision architecture (a --dataset imagenet run); {ck['arch']} is "
-                "robmask's own CIFAR model: use --format robmask")
-        names = {"W": "weight", "Wp": "bias"}
-        tv = {}
-        for key, t in sd.items():
-            head, _, leaf = key[2:].rpartition(".")  # drop the "1." of Sequential(Normalize, body)
-            tv[f"{head}.{names.get(leaf, leaf)}"] = t[0] if leaf in ("W", "Wp", "running_mean", "running_var") else t
-        atomic_write(args.out, lambda f: torch.save(tv, f))
-        mean, std = MEAN_STD[ck["dataset"]]
-        write_json(meta_path, dict(arch=ck["arch"], num_classes=ck["num_classes"], mean=mean, std=std,
-                                   classes=ck.get("classes"), u=u.tolist(), source=os.path.abspath(args.ckpt)))
-    log(f"wrote {args.out}: {ck['arch']} with the mask u={[round(v, 3) for v in u.tolist()]} folded in ({args.format})")
-
-
-# ---- 5.6 bench: time, FLOPs, MFU and memory of a training step, per method ----------------------
-def _peak_rss_reset():
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set size (VmHWM) on Linux
-
-
-def _peak_rss_mb():
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
-    except (OSError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _timed(device, fn, reps=1):
-    """Seconds for `reps` calls of fn, the device synchronised before and after (CUDA runs asynchronously)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return time.perf_counter() - t0
-
-
-def piece_flops(net, x, y, amp=contextlib.nullcontext):
-    """FLOPs (torch.utils.flop_counter) of the two pieces every method's step is made of, on the batch x: a
-    training forward+backward, and one attack step (forward + backward to the input only, parameters frozen).
-    The counter cannot trace pgd itself: its module tracker rejects autograd.grad on a leaf input."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count(fn):
-        counter = FlopCounterMode(display=False)
-        with counter, amp():
-            fn()
-        return counter.get_total_flops()
-
-    train = count(lambda: F.cross_entropy(net(x).float(), y).backward())
-    params = [p for p in net.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    attack = count(lambda: F.cross_entropy(net(x.clone().requires_grad_(True)).float(), y).backward())
-    for p in params:
-        p.requires_grad_(True)
-    net.zero_grad(set_to_none=True)
-    return train, attack
-
-
-def method_flops(args, train, attack):
-    """A step of args.method: one training forward+backward per branch, attack_steps attack steps per attacked one."""
-    return sum(train + (args.attack_steps * attack if s > 0 else 0) for s, _ in branches(args, 0.5))
-
-
-def cmd_bench(args):
-    args.out = args.out and check_out(args.out, "results", args.force)
-    device, _, _ = setup_device(args)
-    amp = amp_context(args, device)
-    torch.manual_seed(0)
-    n_img = max(8 * args.batch_size, 1024)
-    data = DeviceData(torch.randint(0, 256, (n_img, 3, 32, 32), dtype=torch.uint8), torch.arange(n_img) % 10,
-                      torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), list(range(10)),
-                      device, args.channels_last)
-    batches = [b for _, b in zip(range(4), data.train_batches(0, args.batch_size, 0))]
-
-    def bench_args(method, freeze_params=True):
-        return _ns(dict(method=method, k=2, fix_p=None, robmask_adv_only=False, eps_max=8 / 255, attack_steps=7,
-                        attack_bn="eval", freeze_params=freeze_params))
-
-    def make(method, freeze_params=True):  # a full training step of `method`
-        a = bench_args(method, freeze_params)
-        net = place(build_model(args.arch, 10, method_k(a), args.width), args, device)
-        opt, step_module = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), BranchLoss(net, amp)
-        return lambda x, y, p: train_step(net, step_module, opt, x, y, p, a, amp)
-
-    def fwd_bwd(masked):  # forward+backward of the model, with the k=2 masked layer or plain BatchNorm2d
-        layers, c = cifar_body(args.arch, args.width)
-        net = nn.Sequential(Normalize(*MEAN_STD["cifar10"]), nn.Sequential(
-            *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)))
-        if masked:
-            set_mask(convert_masked_bn(net, 2), encode(0.5, 2))
-        net = place(net, args, device)
-
-        def step(x, y, p):
-            with amp():
-                loss = F.cross_entropy(net(x).float(), y)
-            loss.backward()
-            net.zero_grad(set_to_none=True)
-        return step
-
-    methods, peak, rss_before = ("bn", "adv", "advprop", "robmask"), {}, _peak_rss_mb()
-    for m in methods:  # peak memory of two steps of each method alone: no other case's model, gradients or state alive
-        step, (x, y) = make(m), batches[0]
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        _peak_rss_reset()
-        for _ in range(2):
-            step(x, y, 0.5)
-        peak[m] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
-        del step
-    cases = {m: make(m) for m in methods}
-    cases["adv_unfrozen"] = make("adv", freeze_params=False)  # the common implementation of the attack
-    cases["fwdbwd_masked"], cases["fwdbwd_plain"] = fwd_bwd(True), fwd_bwd(False)
-    times = {name: [] for name in cases}
-    gen = torch.Generator().manual_seed(0)
-    log(f"bench: {args.arch} width {args.width}, batch {args.batch_size}, {args.steps} timed steps "
-        f"(+{args.warmup} warm-up) per case, round-robin, on {device}")
-    for r in range(args.warmup + args.steps):  # round-robin: machine drift hits every case alike
-        for name, step in cases.items():
-            x, y = batches[r % len(batches)]
-            p = torch.rand((), generator=gen).item()
-            seconds = _timed(device, lambda: step(x, y, p))
-            if r >= args.warmup:
-                times[name].append(seconds)
-    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-    def one_epoch():  # the data pipeline alone: augment + float conversion of the batches of one epoch
-        for _ in data.train_batches(1, args.batch_size, 0):
-            pass
-    pipeline = data.steps_per_epoch(args.batch_size) * args.batch_size / _timed(device, one_epoch)
-    net, (x, y) = build_model(args.arch, 10, 2, args.width).to(device), batches[0]
-    flops = {m: method_flops(bench_args(m), *piece_flops(net, x, y, amp)) for m in methods}
-    # The machine's dense matmul rate, measured here in the dtype that training computes in, by two paths:
-    # torch.mm (BLAS) and the same n×n×n product as a 1×1 convolution (oneDNN on the CPU). On some CPUs
-    # (MKL on AMD) the BLAS path is far from the hardware peak; the better of the two is the denominator.
-    dtype, n = (torch.bfloat16 if args.amp else torch.float32), 2048
-
-    def rate(fn, reps=10):
-        _timed(device, fn, 2)  # warm-up
-        return 2 * n**3 * reps / _timed(device, fn, reps)
-
-    a_, b_ = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    matmul_rates = dict(mm=rate(lambda: a_ @ b_), conv1x1=rate(lambda: F.conv2d(a_.view(1, n, n, 1), b_.view(n, n, 1, 1))))
-    peak_flops = max(matmul_rates.values())
-    result = dict(
-        device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
-        amp=bool(args.amp), channels_last=bool(args.channels_last), compile=bool(args.compile),
-        threads=torch.get_num_threads(),
-        step_seconds=med,
-        img_per_s={m: args.batch_size / med[m] for m in methods},
-        ratios=dict(robmask_over_advprop=med["robmask"] / med["advprop"],
-                    masked_over_plain=med["fwdbwd_masked"] / med["fwdbwd_plain"],
-                    frozen_attack_over_unfrozen=med["adv"] / med["adv_unfrozen"],
-                    pipeline_over_train=pipeline / (args.batch_size / med["bn"])),
-        pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=peak_flops, matmul_paths=matmul_rates,
-        mfu={m: flops[m] / med[m] / peak_flops for m in methods},
-        peak_memory_mb={m: peak[m] for m in methods},
-        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)",
-        rss_before_steps_mb=rss_before)
-    log(f"{'method':10s} {'step s':>8s} {'img/s':>8s} {'GFLOP/step':>11s} {'MFU':>6s} {'peak MB':>8s}")
-    for m in methods:
-        log(f"{m:10s} {med[m]:8.4f} {result['img_per_s'][m]:8.1f} {flops[m] / 1e9:11.2f} "
-            f"{result['mfu'][m]:6.1%} {peak[m]:8.0f}")
-    log(f"dense matmul {peak_flops / 1e9:.1f} GFLOP/s ({dtype}; torch.mm {matmul_rates['mm'] / 1e9:.1f}, as 1x1 conv "
-        f"{matmul_rates['conv1x1'] / 1e9:.1f}); data pipeline {pipeline:.0f} img/s")
-    for key, v in result["ratios"].items():
-        log(f"{key:28s} {v:.3f}")
-    if args.out:
-        write_json(args.out, result)
-    return result
-
-
-# ---- cost: what run_all.sh's stages would take at full scale, from counted FLOPs ---------------------------------
-COST_DEVICE = ("an H100 SXM at 40% of its 989 TFLOP/s dense bf16 peak", 0.4 * 989e12)
-DECODE_PER_WORKER = 150  # ImageNet images/s that one DataLoader worker decodes and crops (PIL; 100-250 measured)
-AA_STEPS = 1000  # AutoAttack standard, roughly: APGD-CE 100 steps + APGD-T 9 targets x 100, per image (a bound)
-
-
-def cmd_cost(args):
-    """Reads `run_all.sh --dry-run` output; for every stage, the FLOPs of its train/finetune-bn/eval/tradeoff
-    commands (counted on the real models, per image) and the GPU-hours they take on COST_DEVICE: a lower bound,
-    since small CIFAR convolutions reach far less than 40% of a GPU's peak."""
-    import shlex
-
-    if not os.path.isfile(args.commands):
-        die(f"{args.commands} is not a file; save `bash run_all.sh --dry-run` output there first")
-    sizes = dict(cifar10=(50_000, 10_000), cifar100=(50_000, 10_000), imagenet=(1_281_167, 50_000), synthetic=(2_560, 512))
-    runs, pieces, totals, stage, seen = {}, {}, {}, None, set()
-    for line in open(args.commands, encoding="utf-8"):
-        if line.startswith("== stage "):
-            stage = line.split()[-1]
-            totals.setdefault(stage, [0.0, 0.0, 0])  # (a stage whose runs an earlier one made shows 0)
-            continue
-        argv = shlex.split(line[2:]) if line.startswith("+ ") and " robmask.py " in line else []
-        argv = argv[argv.index("robmask.py") + 1:] if argv else []
-        if not argv or argv[0] not in ("train", "finetune-bn", "eval", "tradeoff") or stage is None or line in seen:
-            continue  # (a run that several stages need is counted once, in the first)
-        seen.add(line)
-        a = make_parser().parse_args(argv)
-        if a.command == "train":
-            validate(a)
-            runs[os.path.normpath(a.out)] = a
-        else:  # the run it reads: the train command (earlier in the output) that wrote that checkpoint
-            src = runs.get(os.path.normpath(os.path.dirname(a.ckpt)))
-            if src is None:
-                continue
-            if a.command == "finetune-bn":
-                runs[os.path.normpath(a.out)] = src
-        r = a if a.command == "train" else src
-        key = (r.arch, r.dataset, r.width, r.image_size, method_k(r))
-        if key not in pieces:  # per image: counted on 2 images at the run's resolution
-            hw = r.image_size if r.dataset == "imagenet" else 32
-            net = build_model(r.arch, 1000 if r.dataset == "imagenet" else 10, key[-1], r.width, r.dataset)
-            pieces[key] = [f / 2 for f in piece_flops(net, torch.rand(2, 3, hw, hw), torch.zeros(2, dtype=torch.long))]
-        train, attack = pieces[key]
-        n_train, n_test = sizes[r.dataset]
-        if a.command in ("train", "finetune-bn"):
-            images = (a.subset or r.subset or n_train) * a.epochs
-            flops = images * (method_flops(r, train, attack) if a.command == "train"
-                              else train + (attack * r.attack_steps if a.on == "adv" else 0))
-            loader = images / (DECODE_PER_WORKER * r.workers) / 3600 if r.dataset == "imagenet" else 0.0
-        else:
-            n = a.n or n_test
-            rows = [0.0] if getattr(a, "attack", "pgd") == "none" else (a.eps if a.command == "eval" else [0.0, a.eps] * len(a.p))
-            steps = AA_STEPS if getattr(a, "attack", "") == "autoattack" else a.steps
-            flops = sum(n * (train / 3 + (steps * attack if e > 0 else 0)) for e in rows)  # a forward is ~1/3 of fwd+bwd
-            loader = 0.0
-        t = totals.setdefault(stage, [0.0, 0.0, 0])
-        t[0], t[1], t[2] = t[0] + flops, t[1] + loader, t[2] + 1
-    log(f"Estimated cost at this scale, from counted FLOPs, on {COST_DEVICE[0]} (eval: PGD as counted, AutoAttack as "
-        f"{AA_STEPS} attack steps per image; ImageNet loader bound: {DECODE_PER_WORKER} img/s per worker):")
-    log(f"  {'stage':8s} {'commands':>8s} {'PFLOP':>10s} {'GPU-hours':>10s} {'decode-bound GPU-hours':>23s}")
-    for name, (flops, loader, count) in totals.items():
-        log(f"  {name:8s} {count:8d} {flops / 1e15:10.1f} {flops / COST_DEVICE[1] / 3600:10.1f} "
-            f"{f'{loader:.1f}' if loader else '-':>23s}")
-    flops = sum(t[0] for t in totals.values())
-    log(f"  {'all':8s} {sum(t[2] for t in totals.values()):8d} {flops / 1e15:10.1f} {flops / COST_DEVICE[1] / 3600:10.1f}")
-    return totals
-
-
-# ---- 5.7 Figures (matplotlib, imported only here) -------------------------------------------------
-FIG_DPI = 100
-FIG_SIZES = {"bn-params": (12, 3), "feature-maps": (12, 6), "curves": (6, 4), "tradeoff": (6, 4)}
-
-
-def bn_tensors(model, layer):
-    """(running mean, running var, γ, β) of the layer-th masked BN layer (1-based), clean basis u(0)."""
-    layers = masked_layers(model)
-    if not 1 <= layer <= len(layers):
-        die(f"--layer {layer} is out of range: the model has {len(layers)} BN layers (1..{len(layers)})")
-    set_mask(model, encode(0.0, layers[0].k))
-    m = layers[layer - 1]
-    return [t.detach() for t in (*m.eval_stats(), m.mix(m.W), m.mix(m.Wp))]
-
-
-def plot_bn_params(args, fig):
-    """Figure 1: running mean, running var, γ and β of one BN layer, for two checkpoints."""
-    axes = fig.subplots(1, 4)
-    for path, color in ((args.ckpt_a, "tab:blue"), (args.ckpt_b, "tab:orange")):
-        model, _ = load_checkpoint(path)
-        for ax, t, name in zip(axes, bn_tensors(model, args.layer), ("running mean μ", "running var σ²", "γ", "β")):
-            ax.plot(t.numpy(), color=color, lw=1, label=os.path.basename(os.path.dirname(os.path.abspath(path))))
-            ax.set(title=name, xlabel="channel")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-
-
-def first_bn_relu(model, x):
-    """Activations after the first BN + ReLU (where §3.1 looks), for one image."""
-    out = {}
-    hook = masked_layers(model)[0].register_forward_hook(lambda m, i, o: out.setdefault("a", F.relu(o)))
-    with torch.no_grad():
-        model(x)
-    hook.remove()
-    return out["a"][0]
-
-
-def plot_feature_maps(args, fig):
-    """Figure 4: the channels after the first BN+ReLU of two models, side by side; red boxes mark
-    channels blocked (all zero) in one model but not the other, green boxes channels magnified
-    (mean activation more than 2x the other model's)."""
-    from matplotlib.patches import Rectangle
-
-    models = [load_checkpoint(p) for p in (args.ckpt_a, args.ckpt_b)]
-    if any(models[0][1][key] != models[1][1][key] for key in ("arch", "width", "dataset")):
-        die(f"{args.ckpt_a} and {args.ckpt_b} differ in architecture, width or dataset; channel i of one is not "
-            "channel i of the other: compare a model with its finetune-bn copy")
-    data = eval_data(args, models[0][1], torch.device("cpu"))
-    x = next(itertools.islice(data.test_batches(1), args.image, None), (None,))[0]  # image I, one at a time
-    if x is None:
-        die(f"--image {args.image} is out of range: the test set has fewer images")
-    acts = [first_bn_relu(fixed_mask(m, 0.0), x) for m, _ in models]
-    c = acts[0].shape[0]
-    side = math.ceil(math.sqrt(c))
-    axes = fig.subplots(1, 2)
-    means = [a.mean((1, 2)) for a in acts]
-    for i, (ax, a) in enumerate(zip(axes, acts)):
-        h, w = a.shape[1:]
-        grid = torch.zeros(side * (h + 1), side * (w + 1))
-        for ch in range(c):
-            r, q = divmod(ch, side)
-            grid[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = a[ch] / (a.max() + 1e-12)
-        ax.imshow(grid.numpy(), cmap="gray")
-        for ch in range(c):
-            r, q = divmod(ch, side)
-            blocked = a[ch].max() == 0 and acts[1 - i][ch].max() > 0
-            magnified = means[i][ch] > 2 * means[1 - i][ch]
-            if blocked or magnified:
-                ax.add_patch(Rectangle((q * (w + 1) - 0.5, r * (h + 1) - 0.5), w, h, fill=False, lw=1.5,
-                                       edgecolor="red" if blocked else "lime"))
-        ax.set_title(f"{os.path.basename(os.path.dirname(os.path.abspath((args.ckpt_a, args.ckpt_b)[i])))}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle("after the first BN+ReLU: red = blocked here only, green = magnified >2x here")
-
-
-def read_log(run_dir):
-    """The epochs of a run's log.jsonl: a list of dicts with a numeric epoch and test_acc."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(path):
-        die(f"{run_dir} has no log.jsonl; pass run directories written by `robmask.py train`")
-    rows = read_json(path, lines=True)
-    if not rows:
-        die(f"{path} has no epochs yet (an --epochs 0 run, or one stopped in its first epoch)")
-    if not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("epoch", "test_acc"))
-               for r in rows):
-        die(f"{path} is not a robmask training log (each line needs epoch and test_acc)")
-    return rows
-
-
-def plot_curves(args, fig):
-    """Figure 3: clean test accuracy per epoch, one line per run; the clean training accuracy dashed, where logged."""
-    ax = fig.subplots()
-    for run in args.runs:
-        rows = read_log(run)
-        line, = ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker=".",
-                        label=os.path.basename(os.path.normpath(run)))
-        train = [(r["epoch"], 100 * r["train_acc"]) for r in rows if isinstance(r.get("train_acc"), (int, float))]
-        if train:  # the gap between the two is the overfitting that RobMask's regulariser is meant to close
-            ax.plot(*zip(*train), linestyle="--", color=line.get_color())
-    ax.set(xlabel="epoch", ylabel="clean accuracy (%): test solid, training dashed")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-
-
-def plot_tradeoff(args, fig):
-    """Clean against robust accuracy along p, one line per tradeoff JSON."""
-    ax = fig.subplots()
-    for path in args.files:
-        rows = read_json(path)
-        rows = rows.get("rows") if isinstance(rows, dict) else None
-        if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in
-                                                            ("p", "clean", "robust")) for r in rows):
-            die(f"{path} is not a `robmask.py tradeoff` result (it needs rows of p, clean, robust)")
-        ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o",
-                label=os.path.basename(path))
-        for r in rows:
-            ax.annotate(f"{r['p']:.1f}", (100 * r["clean"], 100 * r["robust"]), fontsize=6)
-    ax.set(xlabel="clean accuracy (%)", ylabel="PGD accuracy (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-
-
-PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves": plot_curves,
-         "tradeoff": plot_tradeoff}
-
-
-def cmd_plot(args):
-    args.out = check_out(args.out, "png", args.force)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=FIG_SIZES[args.kind])
-    PLOTS[args.kind](args, fig)
-    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
-    log(f"wrote {args.out}")
-
-
-# ---- 5.8 report: RESULTS.md from a runs folder written by run_all.sh ---------------------------
-# The run names are the contract with run_all.sh: <dataset>-<arch>-<method>-<short|long>-s<seed>,
-# fine-tuned copies add -ft-<on>-<params>. Evaluations sit beside the checkpoints as eval-*.json.
-# Every claim line restates the paper's text (its tables lost their numbers) in our own words.
-CLAIMS = {
-    1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness "
-       "from BN tuned on PGD examples, an adversarial one regains clean accuracy (and loses robustness) "
-       "from BN tuned on clean data; tuning γ does it, the running statistics barely change.",
-    2: "Mixing two BN maskings as (1-p)(γ,β) + p(γ',β') gives a smooth family of trade-offs from one stored model.",
-    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, with "
-       "similar gains on CIFAR-100; RobMask at 20 epochs is comparable to BN at 100.",
-    4: "On ImageNet ResNet-18, AdvProp barely helps while RobMask adds about 0.4 points.",
-    5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is "
-       "slightly worse at 8/255, the strength those two were trained on.",
-    6: "AutoAttack tells the same story as PGD; with ε_max = 10/255 RobMask trades a little clean "
-       "accuracy for better robustness at ε ≥ 6/255.",
-    7: "AdvProp with a random strength gets worse, extra auxiliary BNs help a little, and RobMask beats all of them.",
-    8: "RobMask's gains hold over three random seeds.",
-}
-
-
-class Runs:
-    def __init__(self, root):
-        self.root, self.notes = root, []  # notes: runs whose numbers are not final (partial) or not theirs (stale)
-
-    def unfinished(self, d):
-        """'partial: E/N ep' for a run that stopped before its last epoch, else None."""
-        a, log = self.json(os.path.join(os.path.basename(d), "args.json")), self.log(d)
-        if isinstance(a, dict) and isinstance(a.get("epochs"), int) and len(log) < a["epochs"]:
-            return f"partial: {len(log)}/{a['epochs']} ep"
-        return None
-
-    def stale(self, d, file):
-        """An evaluation of weights that the run no longer holds (it was retrained since), by its run_id."""
-        res, a = self.json(os.path.join(os.path.basename(d), file)), self.json(os.path.join(os.path.basename(d), "args.json"))
-        rows = self.json(os.path.join(os.path.basename(d), "log.jsonl"), lines=True)
-        if not (isinstance(res, dict) and "run_id" in res and isinstance(a, dict) and isinstance(rows, list)):
-            return False  # (evaluations written before run_id existed are taken as they are)
-        return res["run_id"] != run_id(a, rows)
-
-    def note_unfinished(self, d):
-        if self.unfinished(d):
-            self.notes.append(f"{os.path.basename(d)}: {self.unfinished(d)}")
-
-    def seeds(self, name):
-        """Run directories name-s0, name-s1, ... that hold a log."""
-        pat = re.compile(re.escape(name) + r"-s\d+$")
-        return sorted(os.path.join(self.root, d) for d in os.listdir(self.root)
-                      if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
-
-    def json(self, path, lines=False):
-        """A file under the runs folder, or None when it is missing; an unreadable one is None with a warning."""
-        path = os.path.join(self.root, path)
-        try:
-            return read_json(path, lines) if os.path.isfile(path) else None
-        except UserError as e:
-            warn(f"{e}: its cells show as not run")
-            return None
-
-    def rows(self, path, keys):
-        """The rows of a result file that carry numeric `keys` (malformed ones are skipped, with a warning)."""
-        res = self.json(path, lines=path.endswith(".jsonl"))
-        rows = res if isinstance(res, list) else res.get("rows") if isinstance(res, dict) else None
-        if res is not None and not isinstance(rows, list):  # a number, a string, a boolean, an object...
-            warn(f"{os.path.join(self.root, path)} has no list of rows: its cells show as not run")
-            return []
-        good = [r for r in rows or [] if isinstance(r, dict) and all(
-            isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in keys)]
-        if res is not None and len(good) < len(rows or [1]):
-            warn(f"{os.path.join(self.root, path)} has rows without {', '.join(keys)}: skipped")
-        return good
-
-    def cell(self, values, name=None):
-        values = [v for v in values if v is not None]
-        flag = " (partial)" if name and any(self.unfinished(d) for d in self.seeds(name)) else ""
-        if not values:
-            return "not run"
-        mean = sum(values) / len(values)
-        if len(values) == 1:
-            return f"{100 * mean:.2f}{flag}"
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-        return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)}){flag}"
-
-    def log(self, d):
-        return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
-
-    def final_acc(self, name):
-        for d in self.seeds(name):
-            self.note_unfinished(d)
-        return self.cell([log[-1]["test_acc"] if log else None for log in map(self.log, self.seeds(name))], name)
-
-    def per_seed(self, name, file, eps):
-        """{seed: accuracy at ε} from the eval JSON `file` of every seed of run `name`; a stale one is left out."""
-        out = {}
-        for d in self.seeds(name):
-            if self.stale(d, file):
-                self.notes.append(f"{os.path.basename(d)}/{file}: stale (the run was retrained after it), left out")
-                continue
-            self.note_unfinished(d)
-            for r in self.rows(os.path.join(os.path.basename(d), file), ("eps", "accuracy")):
-                if abs(r["eps"] - eps) < 1e-9:
-                    out[int(d.rsplit("-s", 1)[1])] = r["accuracy"]
-        return out
-
-    def eval_acc(self, name, file, eps):
-        return self.cell(list(self.per_seed(name, file, eps).values()), name)
-
-    def attack(self, file, default):
-        """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
-        for d in sorted(os.listdir(self.root)):
-            rows = self.rows(os.path.join(d, file), ("eps", "accuracy"))
-            if rows:
-                res = self.json(os.path.join(d, file))
-                aa = res.get("aa", "?") if isinstance(res, dict) else "?"
-                return f"PGD-{rows[-1].get('steps')}" if rows[-1].get("attack") == "pgd" else f"AutoAttack ({aa})"
-        return default
-
-    def epochs(self, name):
-        for d in self.seeds(name):
-            a = self.json(os.path.join(os.path.basename(d), "args.json"))
-            return a.get("epochs") if isinstance(a, dict) else None
-        return None
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
-STATS_ROWS = [("BN", "bn", ""), ("AdvProp", "advprop", ""), ("RobMask, mixed", "robmask-mixed", ""),
-              ("RobMask, mixed + recalibrate", "robmask-mixed", "-recal"), ("RobMask, split", "robmask-split", ""),
-              ("RobMask, shared", "robmask-shared", "")]
-
-
-def stats_section(R, out):
-    """The --bn-stats study of run_all.sh's `stats` stage: mean ± std over seeds, and paired differences."""
-    name = "cifar10-preactresnet18-stats-{}".format
-    cols = [("eval-clean{}.json", 0.0), ("eval-pgd20-clean{}.json", 8 / 255), ("eval-pgd20-matched{}.json", 8 / 255)]
-    rows = [[label] + [R.eval_acc(name(v), f.format(sfx), e) for f, e in cols] for label, v, sfx in STATS_ROWS]
-    out += ["## Study: how masked BN keeps its running statistics (`--bn-stats`, run_all.sh stage `stats`)", "",
-            "*Question (not in the paper):* which statistics rule gives RobMask the best clean accuracy at u(0)? "
-            "PreActResNet-18, the same data, schedule and seeds for every row.", "",
-            table(["method", "clean, u(0), whole test set", "PGD-20 8/255, clean mask", "PGD-20 8/255, matched mask"],
-                  rows), "", "Paired differences in clean accuracy (points), per seed:", ""]
-    clean = {(v, sfx): R.per_seed(name(v), f"eval-clean{sfx}.json", 0.0) for _, v, sfx in STATS_ROWS}
-    diffs = []
-    for label, v, sfx in STATS_ROWS[2:]:
-        for base_label, base in (("BN", "bn"), ("AdvProp", "advprop")):
-            a, b = clean[(v, sfx)], clean[(base, "")]
-            d = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
-            per = ", ".join(f"s{s}: {100 * (a[s] - b[s]):+.2f}" for s in sorted(set(a) & set(b))) or "not run"
-            mean = f"{sum(d) / len(d):+.2f}" if d else "not run"
-            diffs.append((f"{label} − {base_label}", per, mean))
-    out += [table(["difference", "per seed", "mean"], diffs), ""]
-
-
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, 97.5%, df 1..10
-
-
-def verdict(d):
-    """Issue 16's pre-written rule on paired differences d (points): mean, 95% t-interval, and the reading."""
-    n = len(d)
-    if n < 2:
-        return f"{d[0]:+.2f}" if d else "not run", "", "needs 2 seeds or more"
-    mean = sum(d) / n
-    sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
-    half = (T975[n - 2] if n <= 11 else 1.96) * sd / n ** 0.5
-    lo, hi = mean - half, mean + half
-    if mean >= 1 and lo > 0:
-        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
-    if mean <= 0 and hi < 0.5:
-        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
-    more = next((m for m in range(n + 1, 101) if (T975[m - 2] if m <= 11 else 1.96) * sd / m ** 0.5 < abs(mean)), None)
-    return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", (
-        f"undecided: about {more} seeds would exclude 0" if more else "undecided at any number of seeds near this mean")
-
-
-def regime_section(R, out):
-    """The overfitting-regime study of run_all.sh's `regime` stage: per arm, mean ± std and paired differences."""
-    found = [re.match(r"cifar10-preactresnet18-regime-bn-e(\d+)-s\d+$", d) for d in sorted(os.listdir(R.root))]
-    big_e = next((int(m.group(1)) for m in found if m), None)
-    if big_e is None:
-        return
-    name = "cifar10-preactresnet18-regime-{}".format
-    out += ["## Study: where BN overfits (run_all.sh stage `regime`)", "", f"*Question:* does RobMask beat BN and "
-            f"AdvProp in clean accuracy where BN fits its training set? E = {big_e} epochs; paired over seeds.", ""]
-    for tag, eps, label in (("eps8", 8 / 255, "ε_max 8/255, PGD-7"), ("eps2", 2 / 255, "ε_max 2/255, PGD-2")):
-        arms = [("BN", f"bn-e{big_e}"), ("AdvProp", f"advprop-{tag}-e{big_e}"), ("RobMask", f"robmask-{tag}-e{big_e}"),
-                (f"RobMask, E/5 = {big_e // 5} epochs", f"robmask-{tag}-e{big_e // 5}"),
-                ("BN, RobMask's wall time", f"bn-{tag}-matched")]
-        rows, clean = [], {}
-        for lbl, v in arms:
-            clean[v] = R.per_seed(name(v), "eval-clean.json", 0.0)
-            logs = [log for log in map(R.log, R.seeds(name(v))) if log]
-            rows.append([lbl, R.cell(list(clean[v].values())), R.eval_acc(name(v), f"eval-pgd20-{tag}.json", eps),
-                         R.cell([log[-1].get("train_acc") for log in logs]), ", ".join(str(len(log)) for log in logs) or "-"])
-        out += [f"### {label}", "", table(["method", "clean, u(0), whole test set", f"PGD-20 {round(eps * 255)}/255, "
-                                           "matched mask", "final train acc", "epochs per seed"], rows), ""]
-        diffs = []
-        for (a, b) in ((2, 0), (2, 1), (3, 0), (2, 4)):
-            x, y = clean[arms[a][1]], clean[arms[b][1]]
-            d = [100 * (x[s] - y[s]) for s in sorted(set(x) & set(y))]
-            diffs.append((f"{arms[a][0]} − {arms[b][0]}", ", ".join(f"{v:+.2f}" for v in d) or "not run", *verdict(d)))
-        out += [table(["difference (points)", "per seed", "mean", "95% t-interval", "reading"], diffs), ""]
-
-
-def cmd_report(args):
-    if not os.path.isdir(args.runs):
-        die(f"{args.runs} is not a folder; pass the runs folder that run_all.sh wrote (e.g. runs/quick)")
-    path = check_out(args.out or os.path.join(args.runs, "RESULTS.md"), "report", args.force)
-    R, eps8 = Runs(args.runs), 8 / 255
-    out = ["# Results", "", f"Built by `python robmask.py report {args.runs}` from the runs in that folder. "
-           "Accuracies in %. \"not run\" marks a run that is missing; several seeds show mean ± std.", ""]
-
-    def section(n, title, body):
-        out.extend([f"## Table {n}: {title}", "", f"*Paper's claim:* {CLAIMS[n]}", "", body, ""])
-
-    base = "cifar10-resnet18"
-    t1 = [("standard", f"{base}-bn-long"),
-          ("standard + BN fine-tuned on PGD (γ,β; μ,σ² re-estimated)", f"{base}-bn-long-ft-adv-affine"),
-          ("adversarial", f"{base}-adv-long"),
-          ("adversarial + BN fine-tuned clean (γ,β; μ,σ² re-estimated)", f"{base}-adv-long-ft-clean-affine"),
-          ("adversarial + γ fine-tuned clean (μ,σ² re-estimated)", f"{base}-adv-long-ft-clean-gamma"),
-          ("adversarial + γ fine-tuned clean (μ,σ² frozen)", f"{base}-adv-long-ft-clean-gamma-frozen"),
-          ("adversarial + β fine-tuned clean (μ,σ² re-estimated)", f"{base}-adv-long-ft-clean-beta"),
-          ("adversarial + μ,σ² re-estimated clean (no gradient step)", f"{base}-adv-long-ft-clean-stats")]
-    section(1, f"ResNet-18 on CIFAR-10, BN fine-tuning ({R.attack('eval.json', 'PGD')} at ε=8/255, mask clean)", table(
-        ["model", "clean", "PGD 8/255"],
-        [(label, R.eval_acc(name, "eval.json", 0.0), R.eval_acc(name, "eval.json", eps8)) for label, name in t1]))
-    t2 = R.rows("table2-tradeoff.json", ("p", "clean", "robust"))
-    section(2, "Trade-off slider between the adversarial model's BN (p=0) and its clean-fine-tuned BN (p=1)", table(
-        ["p", "clean", "PGD"], [(f"{r['p']:.1f}", f"{100 * r['clean']:.2f}", f"{100 * r['robust']:.2f}")
-                               for r in t2] or [("not run", "not run", "not run")]))
-    rows = []
-    for ds in ("cifar10", "cifar100"):
-        for arch in ("preactresnet18", "resnext29", "densenet121"):
-            rows.append([ds, arch] + [R.final_acc(f"{ds}-{arch}-{m}-{length}")
-                                      for length in ("short", "long") for m in ("bn", "advprop", "robmask")])
-    e_short, e_long = R.epochs("cifar10-preactresnet18-bn-short"), R.epochs("cifar10-preactresnet18-bn-long")
-    hdr = [f"{m} {length} ({e or '?'} ep)" for length, e in (("short", e_short), ("long", e_long))
-           for m in ("BN", "AdvProp", "RobMask")]
-    section(3, "clean test accuracy, CIFAR-10/100", table(["dataset", "arch"] + hdr, rows))
-    section(4, "ImageNet, ResNet-18, top-1", table(["BN", "AdvProp", "RobMask"], [
-        [R.final_acc(f"imagenet-resnet18-{m}-long") for m in ("bn", "advprop", "robmask")]]))
-    sweep = [i / 255 for i in range(9)]
-    for n, file, extra in ((5, "eval-pgd.json", []), (6, "eval-aa.json", [("RobMask ε_max=10/255", "robmask-eps10")])):
-        rows = [[label] + [R.eval_acc(f"{base}-{m}-long", file, e) for e in sweep]
-                for label, m in [("adversarial", "adv"), ("AdvProp", "advprop"), ("RobMask", "robmask")] + extra]
-        section(n, f"ResNet-18 CIFAR-10, {R.attack(file, 'PGD' if n == 5 else 'AutoAttack')} accuracy, mask matched to ε",
-                table(["method"] + [f"{i}/255" for i in range(9)], rows))
-    section(7, "DenseNet-121 CIFAR-10, AdvProp variants", table(["method", "clean"], [
-        (m, R.final_acc(f"cifar10-densenet121-{m}-long")) for m in ("advprop", "advprop-random", "advprop-multi", "robmask")]))
-    section(8, "RobMask over seeds (PreActResNet-18, CIFAR-10)", table(["runs", "clean"], [
-        (", ".join(os.path.basename(d) for d in R.seeds("cifar10-preactresnet18-robmask-long")) or "none",
-         R.final_acc("cifar10-preactresnet18-robmask-long"))]))
-    secs = {m: [sum(e["seconds"] for e in log) / len(log) for log in map(R.log, R.seeds(f"cifar10-densenet121-{m}-long"))
-                if log] for m in ("advprop", "robmask")}
-    out += ["## Timing: seconds per epoch, DenseNet-121 CIFAR-10", "",
-            "*Paper's claim:* both use two forwards and one backward per step; 870 s (AdvProp) vs 890 s (RobMask).", "",
-            table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
-    stats_section(R, out)
-    regime_section(R, out)
-    figs = [(f, os.path.join("figures", f)) for f in ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png",
-                                                      "table2-tradeoff.png", "stats-curves.png")]
-    if R.notes:  # what is not final, said once per run
-        out += ["## Not final", "", "Cells marked (partial) include runs that stopped before their last epoch; stale "
-                "evaluations were left out:", ""] + [f"- {n}" for n in dict.fromkeys(R.notes)] + [""]
-    out += ["## Figures", ""] + [f"- [{f}]({p})" if os.path.isfile(os.path.join(args.runs, p)) else f"- {f}: not run"
-                                 for f, p in figs]
-    atomic_write(path, lambda f: f.write(("\n".join(out) + "\n").encode()))
-    log(f"wrote {path}")
-
-
-# =============================================================================================
-# Command line
-# =============================================================================================
-def parse_eps(text):
-    """'8/255' or '0.0314' -> a float in [0, 1] (pixels live in [0, 1])."""
-    try:
-        num, _, den = str(text).partition("/")
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: write it as 8/255 or 0.0314")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} = {value:.4g} is outside [0, 1] (pixels are in [0, 1]; e.g. 8/255)")
-    return value
-
-
-def parse_list(item):
-    def parse(text):
-        values = [item(t) for t in str(text).split(",") if t.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"{text!r} is an empty list; give at least one value, e.g. 0,8/255")
-        return values
-    return parse
-
-
+# ---- The command line ------------------------------------------------------------------------------------------
 def number(kind, lo, hi=math.inf):
     """An argparse type: a finite int or float in [lo, hi]."""
     def parse(text):
@@ -2415,34 +2148,33 @@ def number(kind, lo, hi=math.inf):
         return v
     return parse
 
+def parse_eps(text):
+    """'8/255' or '0.0314' -> a float in [0, 1] (pixels live in [0, 1])."""
+    try:
+        num, _, den = str(text).partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: write it as 8/255 or 0.0314")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} = {value:.4g} is outside [0, 1] (pixels are in [0, 1]; e.g. 8/255)")
+    return value
 
-positive_int, nonneg_int, unit_float, nonneg_float = number(int, 1), number(int, 0), number(float, 0, 1), number(float, 0)
-seed_int = number(int, 0, 2**31 - 1)  # seeds derived from it (seed·100003 + ...) stay within torch's range
+def parse_list(item):
+    def parse(text):
+        values = [item(t) for t in str(text).split(",") if t.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list; give at least one value, e.g. 0,8/255")
+        return values
+    return parse
 
-
-def device_name(text):
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
-    return text
-
-
-def aa_names(text):
-    names = parse_list(str)(text)
-    bad = [n for n in names if n not in AA_ATTACKS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown AutoAttack attack {bad[0]!r}; choose from {', '.join(AA_ATTACKS)}")
-    return text
-
-
-AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-
-
-def arch_name(text):
-    name = ARCH_ALIASES.get(text.lower(), text.lower())
-    if name not in ARCHS:
-        raise argparse.ArgumentTypeError(f"unknown architecture {text!r}; choose from {', '.join(ARCHS)} (or 'resnext')")
-    return name
-
+def named(kind, names, hint=""):
+    """An argparse type: names from a fixed list (a comma list for several), with a one-line error listing them."""
+    def parse(text):
+        bad = [n for n in parse_list(str)(text) if n not in names]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {bad[0]!r}; choose from {', '.join(names)}{hint}")
+        return text
+    return parse
 
 def mask_name(text):
     if text in ("clean", "matched"):
@@ -2452,6 +2184,40 @@ def mask_name(text):
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"invalid mask {text!r}; use clean, matched or a number p in [0, 1]")
 
+def device_name(text):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
+    return text
+
+positive_int, nonneg_int, unit_float, nonneg_float = number(int, 1), number(int, 0), number(float, 0, 1), number(float, 0)
+seed_int = number(int, 0, 2**31 - 1)  # seeds derived from it (seed·100003 + ...) stay within torch's range
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+arch_name = lambda text: named("architecture", ARCHS, " (or 'resnext')")(ARCH_ALIASES.get(text.lower(), text.lower()))  # noqa: E731
+ON = dict(action="store_true")
+# The flags that several subcommands share, as data: a parent parser is built from a group for each subcommand that
+# names it (fresh each time: a subcommand's own defaults must not leak into another's).
+FLAG_GROUPS = {
+    "device": [("--device", dict(type=device_name, help="cpu, cuda or cuda:N (default: cuda when present)")),
+               ("--amp", dict(ON, help="bf16 autocast (CUDA and CPU)"))],
+    "speed": [("--channels-last", dict(ON, help="channels_last memory format")),
+              ("--compile", dict(ON, help="torch.compile the model"))],
+    "run": [("--resume", dict(ON, help="continue the run in --out (a new run if it holds none)")),
+            ("--force", dict(ON, help="overwrite a run that --out already holds")),
+            ("--log-every", dict(type=nonneg_float, default=30, help="seconds between in-epoch progress lines")),
+            ("--workers", dict(type=nonneg_int, default=8, help="DataLoader workers (ImageNet only)"))],
+    "data": [("--data-dir", dict(help="CIFAR: torchvision's folder, or train/ and test/ class folders; ImageNet: train/ val/"))],
+    "sizes": [("--subset", dict(type=positive_int, help="a fixed class-balanced subset of the training set")),
+              ("--test-n", dict(type=positive_int, help="per-epoch test accuracy on a fixed balanced subset of N")),
+              ("--epochs", dict(type=nonneg_int)), ("--lr", dict(type=nonneg_float)),
+              ("--batch-size", dict(type=number(int, 2), help="global batch size")), ("--seed", dict(type=seed_int))],
+    "measure": [("ckpt", {}), ("--n", dict(type=positive_int, help="a fixed class-balanced subset of N test images")),
+                ("--batch-size", dict(type=positive_int, default=256)), ("--seed", dict(type=seed_int, default=0)),
+                ("--recalibrate", dict(type=positive_int, metavar="N", help="precise BN: re-estimate the statistics on "
+                                       "N training images at each mask first (the checkpoint is not changed)"))],
+    "force": [("--force", dict(ON, help="replace an --out file that robmask did not write"))],
+    "png": [("--out", dict(required=True, help="PNG file")), ("--force", dict(ON, help="replace an --out file that robmask did not write"))],
+    "two": [("ckpt_a", {}), ("ckpt_b", {})],
+}
 
 class Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (no usage dump) and exit status 2."""
@@ -2459,220 +2225,166 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{self.prog.split()[-1]}: {message} (see --help)")
 
-
-def runtime_flags(training=True):
-    p = Parser(add_help=False)
-    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA and CPU)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    if not training:  # bench
-        return p
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (a new run if it holds none)")
-    p.add_argument("--force", action="store_true", help="overwrite a run that --out already holds")
-    p.add_argument("--log-every", type=nonneg_float, default=30, help="seconds between in-epoch progress lines")
-    p.add_argument("--workers", type=nonneg_int, default=8, help="DataLoader workers (ImageNet only)")
-    return p
-
-
-def data_flags(train=True):
-    p = Parser(add_help=False)
-    p.add_argument("--data-dir", help="CIFAR: torchvision's folder, or train/ and test/ class folders; ImageNet: train/ val/")
-    if train:
-        p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet", "synthetic"))
-        p.add_argument("--subset", type=positive_int, help="a fixed class-balanced subset of the training set")
-        p.add_argument("--test-n", type=positive_int, help="per-epoch test accuracy on a fixed balanced subset of N")
-        p.add_argument("--image-size", type=number(int, 16, 4096), default=224, help="ImageNet crop size")
-    return p
-
-
 def make_parser():
     top = Parser(prog="robmask.py", description=__doc__.split("\n")[0])
     top.add_argument("--check", action="store_true", help="parse and validate the arguments, then exit without running")
     sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    t = sub.add_parser("train", parents=[data_flags(), runtime_flags()], help="train a model (Algorithm 1)")
-    t.add_argument("--arch", type=lambda a: ARCH_ALIASES.get(a.lower(), a.lower()), default="preactresnet18",
-                   help=f"{', '.join(ARCHS)}; with --dataset imagenet, any torchvision model with BatchNorm2d")
-    t.add_argument("--method", default="robmask", help=", ".join(METHODS))
-    t.add_argument("--k", type=number(int, 1, MAX_K), help="RobMask's number of bases (default 2)")
-    t.add_argument("--eps-max", type=parse_eps, default=8 / 255, help="ε_max (default 8/255)")
-    t.add_argument("--fix-p", type=unit_float, help="freeze p instead of drawing it per mini-batch")
-    t.add_argument("--robmask-adv-only", action="store_true", help="Algorithm 1 literally: no clean branch")
-    t.add_argument("--attack-steps", type=nonneg_int, default=7)
-    t.add_argument("--attack-bn", choices=("eval", "train"), default="eval", help="BN mode while attacking")
-    t.add_argument("--bn-stats", choices=BN_STATS, default=DEFAULT_BN_STATS,
-                   help=f"how masked BN keeps running statistics (default {DEFAULT_BN_STATS}; see MaskedBatchNorm2d)")
-    t.add_argument("--epochs", type=nonneg_int, default=100)
-    t.add_argument("--batch-size", type=number(int, 2), default=128, help="global batch size")
-    t.add_argument("--lr", type=nonneg_float, default=0.1)
-    t.add_argument("--warmup", type=nonneg_float, default=0, metavar="EPOCHS",
-                   help="linear learning-rate warm-up before the cosine schedule (default 0, the paper's)")
-    t.add_argument("--momentum", type=number(float, 0, 1), default=0.9)
-    t.add_argument("--wd", type=nonneg_float, default=5e-4)
-    t.add_argument("--seed", type=seed_int, default=0)
-    t.add_argument("--width", type=number(int, 1, MAX_WIDTH), help="base channels of a CIFAR arch (default 64, the paper)")
-    t.add_argument("--out", help="run directory (default runs/<dataset>-<arch>-<method>)")
+    def command(name, groups, help, *flags, parent=sub, **defaults):  # a subcommand: shared groups, its own flags
+        parents = []
+        for group in groups.split():
+            parents.append(Parser(add_help=False))
+            for names, kw in FLAG_GROUPS[group]:
+                parents[-1].add_argument(*names if isinstance(names, tuple) else (names,), **kw)
+        p = parent.add_parser(name, parents=parents, help=help)
+        for *names, kw in flags:
+            p.add_argument(*names, **kw)
+        p.set_defaults(**defaults)
+        return p
 
-    f = sub.add_parser("finetune-bn", parents=[runtime_flags()], help="§3.1: fine-tune only BN of a checkpoint")
-    f.add_argument("ckpt")
-    f.add_argument("--on", choices=("clean", "adv"), required=True, help="clean images or PGD examples")
-    f.add_argument("--params", choices=tuple(BN_PARTS), default="affine", help="which BN parts may change")
-    f.add_argument("--freeze-stats", action="store_true",
-                   help="BN in eval mode while γ/β train: the running statistics stay bitwise unchanged")
-    f.add_argument("--eps", type=parse_eps, help="PGD ε for --on adv (default: the checkpoint's ε_max)")
-    f.add_argument("--epochs", type=nonneg_int, default=2)
-    f.add_argument("--lr", type=nonneg_float, default=0.1, help="for the BN parameters, cosine to 0")
-    f.add_argument("--batch-size", type=number(int, 2))
-    f.add_argument("--subset", type=positive_int)
-    f.add_argument("--test-n", type=positive_int)
-    f.add_argument("--data-dir")
-    f.add_argument("--seed", type=seed_int)
-    f.add_argument("--out", required=True)
-
-    e = sub.add_parser("eval", parents=[data_flags(train=False)], help="accuracy under PGD or AutoAttack")
-    o = sub.add_parser("tradeoff", parents=[data_flags(train=False)], help="§3.2: sweep the mask u=[1-p, p]")
-    for p in (e, o):  # a checkpoint, measured on (a fixed subset of) its test images
-        p.add_argument("ckpt")
-        p.add_argument("--n", type=positive_int, help="a fixed class-balanced subset of N test images")
-        p.add_argument("--batch-size", type=positive_int, default=256)
-        p.add_argument("--seed", type=seed_int, default=0)
-        p.add_argument("--recalibrate", type=positive_int, metavar="N", help="precise BN: re-estimate the statistics "
-                       "on N training images at each mask first (the checkpoint is not changed)")
-        p.add_argument("--device", type=device_name)
-        p.add_argument("--amp", action="store_true", help="bf16 autocast for the forwards and the PGD attack")
-    e.add_argument("--attack", choices=("none", "pgd", "autoattack"), default="pgd")
-    e.add_argument("--eps", type=parse_list(parse_eps), default=[8 / 255], help="comma list, e.g. 0,4/255,8/255")
-    e.add_argument("--steps", type=nonneg_int, default=100)
-    e.add_argument("--mask", type=mask_name, default="clean", help="clean, matched or a fixed p")
-    e.add_argument("--aa-version", choices=("standard", "custom", "plus", "rand"), default="standard")
-    e.add_argument("--aa-attacks", type=aa_names, default="apgd-ce,apgd-t", help="with --aa-version custom")
-    e.add_argument("--out", help="write the rows as JSON here")
-
-    o.add_argument("ckpt_b", nargs="?", help="a second k=1 checkpoint that differs only in BN")
-    o.add_argument("--p", type=parse_list(unit_float), default=[i / 10 for i in range(11)])
-    o.add_argument("--eps", type=parse_eps, default=8 / 255)
-    o.add_argument("--steps", type=nonneg_int, default=20)
-    o.add_argument("--out", required=True)
-
-    x = sub.add_parser("export", help="fold a mask into a plain model (k=1 robmask checkpoint or torchvision state_dict)")
-    x.add_argument("ckpt")
-    x.add_argument("--mask", type=mask_name, default="clean", help="clean or a fixed p")
-    x.add_argument("--format", choices=("robmask", "torchvision"), default="robmask")
-    x.add_argument("--out", required=True)
-
-    b = sub.add_parser("bench", parents=[runtime_flags(training=False)], help="time, FLOPs, MFU and memory of a training step per method")
-    b.add_argument("--arch", type=arch_name, default="preactresnet18")
-    b.add_argument("--width", type=number(int, 1, MAX_WIDTH), default=16)
-    b.add_argument("--batch-size", type=positive_int, default=128)
-    b.add_argument("--steps", type=positive_int, default=10)
-    b.add_argument("--warmup", type=nonneg_int, default=2)
-    b.add_argument("--out")
-
-    pl = sub.add_parser("plot", help="Figures 1, 3, 4 and trade-off curves (PNG)")
-    kinds = pl.add_subparsers(dest="kind", required=True, parser_class=Parser)
-    k1 = kinds.add_parser("bn-params", help="Figure 1")
-    k4 = kinds.add_parser("feature-maps", parents=[data_flags(train=False)], help="Figure 4")
-    for k in (k1, k4):
-        k.add_argument("ckpt_a")
-        k.add_argument("ckpt_b")
-    k1.add_argument("--layer", type=positive_int, default=1)
-    k4.add_argument("--image", type=nonneg_int, default=0)
-    k3 = kinds.add_parser("curves", help="Figure 3")
-    k3.add_argument("runs", nargs="+")
-    kt = kinds.add_parser("tradeoff", help="clean vs robust accuracy over p")
-    kt.add_argument("files", nargs="+")
-    for k in (k1, k4, k3, kt):
-        k.add_argument("--out", required=True, help="PNG file")
-
-    c = sub.add_parser("cost", help="FLOPs and GPU-hours per stage of a `run_all.sh --dry-run` output")
-    c.add_argument("commands", help="a file holding run_all.sh --dry-run's output")
-
-    r = sub.add_parser("report", help="RESULTS.md from a runs folder written by run_all.sh")
-    r.add_argument("runs")
-    r.add_argument("--out", help="default RUNS/RESULTS.md")
-    for w in (e, o, x, b, k1, k4, k3, kt, r):  # a writer replaces only its own kind of file, unless forced
-        w.add_argument("--force", action="store_true", help="replace an --out file that robmask did not write")
+    command("train", "data sizes device speed run", "train a model (Algorithm 1)",
+            ("--dataset", dict(default="cifar10", choices=("cifar10", "cifar100", "imagenet", "synthetic"))),
+            ("--image-size", dict(type=number(int, 16, 4096), default=224, help="ImageNet crop size")),
+            ("--arch", dict(type=lambda a: ARCH_ALIASES.get(a.lower(), a.lower()), default="preactresnet18",
+                            help=f"{', '.join(ARCHS)}; with --dataset imagenet, any torchvision model with BatchNorm2d")),
+            ("--method", dict(default="robmask", help=", ".join(METHODS))),
+            ("--k", dict(type=number(int, 1, MAX_K), help=f"RobMask's number of bases (default {K})")),
+            ("--eps-max", dict(type=parse_eps, default=EPS_MAX, help="ε_max (default 8/255)")),
+            ("--fix-p", dict(type=unit_float, help="freeze p instead of drawing it per mini-batch")),
+            ("--robmask-adv-only", dict(ON, help="Algorithm 1 literally: no clean branch")),
+            ("--attack-steps", dict(type=nonneg_int, default=ATTACK_STEPS)),
+            ("--attack-bn", dict(choices=("eval", "train"), default="eval", help="BN mode while attacking")),
+            ("--bn-stats", dict(choices=BN_STATS, default=DEFAULT_BN_STATS, help="how masked BN keeps running "
+                                f"statistics (default {DEFAULT_BN_STATS}; see MaskedBatchNorm2d)")),
+            ("--warmup", dict(type=nonneg_float, default=0, metavar="EPOCHS",
+                              help="linear learning-rate warm-up before the cosine schedule (default 0, the paper's)")),
+            ("--momentum", dict(type=number(float, 0, 1), default=MOMENTUM)), ("--wd", dict(type=nonneg_float, default=WD)),
+            ("--width", dict(type=number(int, 1, MAX_WIDTH), help="base channels of a CIFAR arch (default 64, the paper)")),
+            ("--out", dict(help="run directory (default runs/<dataset>-<arch>-<method>)")),
+            epochs=EPOCHS, lr=LR, batch_size=BATCH, seed=0)
+    command("finetune-bn", "data sizes device speed run", "§3.1: fine-tune only BN of a checkpoint", ("ckpt", {}),
+            ("--on", dict(dest="finetune_on", choices=("clean", "adv"), required=True, help="clean images or PGD examples")),
+            ("--params", dict(dest="bn_params", choices=tuple(BN_PARTS), default="affine", help="which BN parts may change")),
+            ("--freeze-stats", dict(ON, help="BN in eval mode while γ/β train: the running statistics stay bitwise unchanged")),
+            ("--eps", dict(dest="eps_max", type=parse_eps, help="PGD ε for --on adv (default: the checkpoint's ε_max)")),
+            ("--out", dict(required=True)), epochs=2, lr=LR)  # the rest: the checkpoint's own
+    command("eval", "measure data device force", "accuracy under PGD or AutoAttack",
+            ("--attack", dict(choices=("none", "pgd", "autoattack"), default="pgd")),
+            ("--eps", dict(type=parse_list(parse_eps), default=[EPS_MAX], help="comma list, e.g. 0,4/255,8/255")),
+            ("--steps", dict(type=nonneg_int, default=100)),
+            ("--mask", dict(type=mask_name, default="clean", help="clean, matched or a fixed p")),
+            ("--aa-version", dict(choices=("standard", "custom", "plus", "rand"), default="standard")),
+            ("--aa-attacks", dict(type=named("AutoAttack attack", AA_ATTACKS), default="apgd-ce,apgd-t",
+                                  help="with --aa-version custom")), ("--out", dict(help="write the rows as JSON here")))
+    command("tradeoff", "measure data device force", "§3.2: sweep the mask u=[1-p, p]",
+            ("ckpt_b", dict(nargs="?", help="a second k=1 checkpoint that differs only in BN")),
+            ("--p", dict(type=parse_list(unit_float), default=[i / 10 for i in range(11)])),
+            ("--eps", dict(type=parse_eps, default=EPS_MAX)), ("--steps", dict(type=nonneg_int, default=20)),
+            ("--out", dict(required=True)))
+    command("export", "force", "fold a mask into a plain model (k=1 robmask checkpoint or torchvision state_dict)",
+            ("ckpt", {}), ("--mask", dict(type=mask_name, default="clean", help="clean or a fixed p")),
+            ("--format", dict(choices=("robmask", "torchvision"), default="robmask")), ("--out", dict(required=True)))
+    command("bench", "device speed force", "time, FLOPs, MFU and memory of a training step per method",
+            ("--arch", dict(type=arch_name, default="preactresnet18")),
+            ("--width", dict(type=number(int, 1, MAX_WIDTH), default=16)),
+            ("--batch-size", dict(type=positive_int, default=BATCH)), ("--steps", dict(type=positive_int, default=10)),
+            ("--warmup", dict(type=nonneg_int, default=2)), ("--out", {}))
+    kinds = sub.add_parser("plot", help="Figures 1, 3, 4 and trade-off curves (PNG)").add_subparsers(
+        dest="kind", required=True, parser_class=Parser)
+    command("bn-params", "two png", "Figure 1", ("--layer", dict(type=positive_int, default=1)), parent=kinds)
+    command("feature-maps", "two data png", "Figure 4", ("--image", dict(type=nonneg_int, default=0)), parent=kinds)
+    command("curves", "png", "Figure 3", ("runs", dict(nargs="+")), parent=kinds)
+    command("tradeoff", "png", "clean vs robust accuracy over p", ("files", dict(nargs="+")), parent=kinds)
+    command("cost", "", "FLOPs and GPU-hours per stage of a `run_all.sh --dry-run` output",
+            ("commands", dict(help="a file holding run_all.sh --dry-run's output")))
+    command("report", "force", "RESULTS.md from a runs folder written by run_all.sh", ("runs", {}),
+            ("--out", dict(help="default RUNS/RESULTS.md")))
     return top
 
+def unfed_bases(args):
+    """The rows of running statistics that no branch ever moves under --bn-stats split (they would keep their
+    initial μ=0, σ²=1 forever): a drawn p reaches every adversarial row, a fixed one some."""
+    k, fed = method_k(args.method, args.k), set()
+    for s in branch_strengths(args.method, args.robmask_adv_only):
+        if s == 0 or args.eps_max == 0:  # ε_i = 0: a clean branch, which feeds the clean row alone
+            fed.add(0)
+        elif s == "p" and args.fix_p is None:
+            fed |= set(range(1, k))
+        else:
+            s = args.fix_p if s == "p" else s
+            fed |= {j for j, w in enumerate(MaskedBatchNorm2d.stat_weights(mask_for(args.method, s, k), "split", s > 0)) if w > 0}
+    return sorted(set(range(k)) - fed)
 
 def validate(args):
     """Checks that need more than one flag at a time (argparse has done the single-flag ones). --check runs
     exactly these: a command refuses nothing later that does not need its files."""
-    if args.command == "finetune-bn" and args.freeze_stats and args.params == "stats":
+    if args.command == "finetune-bn" and args.freeze_stats and args.bn_params == "stats":
         die("--freeze-stats with --params stats would change nothing: drop one of them")
     if args.command == "export" and args.mask == "matched":
         die("export folds one fixed mask: use --mask clean or a number p in [0, 1]")
-    if args.command == "train":
-        if args.method not in METHODS:
-            die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
-        if args.k is not None and METHODS[args.method][0] is not None:
-            die(f"--k is fixed to {METHODS[args.method][0]} by --method {args.method}; only robmask takes --k")
-        if args.dataset == "imagenet":
-            if args.arch not in torchvision_archs():
-                die(f"unknown architecture {args.arch!r} for image folders (--dataset imagenet): use a torchvision "
-                    "classification model with BatchNorm2d, e.g. resnet18, resnet50, efficientnet_b0, mobilenet_v3_large")
-            if args.width is not None:
-                die("--width applies to the CIFAR architectures only; torchvision's models come at their own width")
-        elif args.arch not in ARCHS:
-            die(f"unknown architecture {args.arch!r}; choose from {', '.join(ARCHS)} (or 'resnext'), or use "
-                "--dataset imagenet for torchvision's models")
-        args.width = args.width or 64
-        if args.width < MIN_WIDTH.get(args.arch, 1):
-            die(f"--width {args.width} is too small for {args.arch}: it needs at least {MIN_WIDTH[args.arch]}")
-        if args.dataset == "synthetic" and args.data_dir:
-            die("--data-dir is not used with --dataset synthetic (built-in data); drop it, or pick the dataset it holds")
-        if args.warmup > args.epochs:
-            die(f"--warmup {args.warmup:g} is longer than --epochs {args.epochs}; warm up for at most the whole run")
-        if args.fix_p is not None and "p" not in METHODS[args.method][2]:
-            die(f"--fix-p applies to methods that draw p (robmask, advprop-random), not {args.method}")
-        if args.bn_stats == "split" and unfed_bases(args):
-            die(f"--bn-stats split leaves statistics row(s) {unfed_bases(args)} of --method {args.method} without "
-                "data (no branch feeds them: --robmask-adv-only or --fix-p?); use --bn-stats mixed or shared")
-        args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}")
-
+    if args.command != "train":
+        return
+    if args.method not in METHODS:
+        die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    if args.k is not None and METHODS[args.method][0] is not None:
+        die(f"--k is fixed to {METHODS[args.method][0]} by --method {args.method}; only robmask takes --k")
+    if args.dataset == "imagenet" and args.arch not in torchvision_archs():
+        die(f"unknown architecture {args.arch!r} for image folders (--dataset imagenet): use a torchvision "
+            "classification model with BatchNorm2d, e.g. resnet18, resnet50, efficientnet_b0, mobilenet_v3_large")
+    if args.dataset == "imagenet" and args.width is not None:
+        die("--width applies to the CIFAR architectures only; torchvision's models come at their own width")
+    if args.dataset != "imagenet" and args.arch not in ARCHS:
+        die(f"unknown architecture {args.arch!r}; choose from {', '.join(ARCHS)} (or 'resnext'), or use "
+            "--dataset imagenet for torchvision's models")
+    args.width = args.width or 64
+    if args.width < MIN_WIDTH.get(args.arch, 1):
+        die(f"--width {args.width} is too small for {args.arch}: it needs at least {MIN_WIDTH[args.arch]}")
+    if args.dataset == "synthetic" and args.data_dir:
+        die("--data-dir is not used with --dataset synthetic (built-in data); drop it, or pick the dataset it holds")
+    if args.warmup > args.epochs:
+        die(f"--warmup {args.warmup:g} is longer than --epochs {args.epochs}; warm up for at most the whole run")
+    if args.fix_p is not None and "p" not in METHODS[args.method][2]:
+        die(f"--fix-p applies to methods that draw p (robmask, advprop-random), not {args.method}")
+    if args.bn_stats == "split" and unfed_bases(args):
+        die(f"--bn-stats split leaves statistics row(s) {unfed_bases(args)} of --method {args.method} without "
+            "data (no branch feeds them: --robmask-adv-only or --fix-p?); use --bn-stats mixed or shared")
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}")
 
 def given_flags(parser, argv):
-    """The options typed on the command line (not parser defaults): parse again with every default suppressed."""
+    """{dest: flag} of the options typed on the command line, not defaulted: parsed again with every default
+    suppressed (an action's own, and a parser's set_defaults)."""
     stack, saved = [parser], []
     while stack:
         p = stack.pop()
+        saved += [(p, "_defaults", p._defaults)] + [(a, "default", a.default) for a in p._actions]
+        p._defaults = {}
         for a in p._actions:
-            saved.append((a, a.default))
             a.default = argparse.SUPPRESS
-            if isinstance(a, argparse._SubParsersAction):
-                stack += a.choices.values()
+            stack += a.choices.values() if isinstance(a, argparse._SubParsersAction) else []
     try:
-        return set(vars(parser.parse_args(argv)))
+        given = vars(parser.parse_args(argv))
     finally:
-        for a, default in saved:
-            a.default = default
-
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[given["command"]]
+    names = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
+    return {dest: names.get(dest, dest) for dest in given}
 
 COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval, "tradeoff": cmd_tradeoff,
             "export": cmd_export, "bench": cmd_bench, "cost": cmd_cost, "plot": cmd_plot, "report": cmd_report}
 
-
-def threading_main():
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a timeout, a scheduler): handled as Ctrl-C is, so that a run that has not saved cleans up."""
-
 
 def on_sigterm(signum, frame):
     raise Terminated()
 
-
 def main(argv=None):
-    parser = make_parser()
-    code, args = 0, None
     import signal
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading_main() else None
+    import threading
+    parser, code, args = make_parser(), 0, None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         args = parser.parse_args(argv)
         validate(args)
@@ -2689,11 +2401,9 @@ def main(argv=None):
         code = e.code
     except KeyboardInterrupt as e:
         training = args is not None and args.command in ("train", "finetune-bn")
-        if training and os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-            msg = ("the last checkpoint (end of the last finished epoch) is intact: run the same command with "
-                   "--resume to continue")
-        else:
-            msg = "nothing was saved" + (" (no epoch had finished)" if training else ": run the command again")
+        msg = ("the last checkpoint (end of the last finished epoch) is intact: run the same command with --resume to "
+               "continue" if training and os.path.exists(os.path.join(args.out, "checkpoint.pt")) else
+               "nothing was saved" + (" (no epoch had finished)" if training else ": run the command again"))
         print(f"robmask: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; {msg}", file=sys.stderr, flush=True)
         code = 143 if isinstance(e, Terminated) else 130
     finally:
@@ -2707,7 +2417,6 @@ def main(argv=None):
         sys.stderr.flush()
         os._exit(code)
     return code
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -143,10 +143,10 @@ if ((QUICK)); then
   # the stats study: 15 runs in about 100 minutes on 2 cores (measured: 223 img/s for a two-branch step)
   read -r -a STATS <<< "${STATS:---width 16 --subset 8000 --test-n 1000}"
   STATS_EPOCHS=${STATS_EPOCHS:-8} RECAL=2000
-  # regime: BN fits a 4,000-image balanced subset (>= 99% training accuracy) in REGIME_EPOCHS (measured first:
-  # results/regime-cpu/STUDY.md, calibration)
-  read -r -a REGIME <<< "${REGIME:---width 16 --subset 4000 --test-n 1000}"
-  REGIME_EPOCHS=${REGIME_EPOCHS:-100}
+  # regime: BN fits a 500-image balanced subset (>= 99% training accuracy) in REGIME_EPOCHS, batch 64 (measured
+  # first: results/regime-cpu/STUDY.md, calibration; 4,000 images fit in 100 epochs but cost 8x more per run)
+  read -r -a REGIME <<< "${REGIME:---width 16 --subset 500 --test-n 1000 --batch-size 64}"
+  REGIME_EPOCHS=${REGIME_EPOCHS:-200}
 else
   RUNS=${RUNS:-runs/full}
   R18=() SMALL=() R18_EPOCHS=100 LONG=100 SHORT=20 FT_EPOCHS=5
@@ -311,8 +311,9 @@ stage_stats() {  # seed-major, so that an interrupted study has whole seeds
 }
 matched_epochs() {  # matched_epochs BN_RUN OTHER_RUN: BN's epochs for OTHER's training wall time (from the logs)
   ((DRY)) && { echo "$((REGIME_EPOCHS * 8))"; return 0; }  # a placeholder: the real number needs the two logs
-  "$PY" -c 'import json, sys
-sec = [sum(json.loads(l)["seconds"] for l in open(f"{d}/log.jsonl")) for d in sys.argv[1:3]]
+  # median seconds per epoch: robust to an epoch slowed by other work on the machine (or a paused job)
+  "$PY" -c 'import json, statistics, sys
+sec = [statistics.median(json.loads(l)["seconds"] for l in open(f"{d}/log.jsonl")) for d in sys.argv[1:3]]
 print(max(1, round(int(sys.argv[3]) * sec[1] / sec[0])))' "$RUNS/$1" "$RUNS/$2" "$REGIME_EPOCHS"
 }
 regime_eval() {  # regime_eval RUN EPS TAG: clean at u(0) on the whole test set, PGD-20 at EPS, matched mask
@@ -321,23 +322,35 @@ regime_eval() {  # regime_eval RUN EPS TAG: clean at u(0) on the whole test set,
   once "$d/eval-pgd20-$3.json" "$PY" robmask.py eval "${EVAL_AMP[@]}" "$d/checkpoint.pt" --attack pgd --eps "$2" --steps 20 --n 1000 \
     --mask matched --out "$d/eval-pgd20-$3.json"
 }
-stage_regime() {  # seed-major, so that an interrupted study has whole paired seeds
+regime_run() {  # regime_run NAME EPS TAG ARGS...: train and evaluate, unless its evaluations exist (restored from results/)
+  local name=$1 eps=$2 tag=$3; shift 3
+  [[ -e $RUNS/$name/eval-clean.json && -e $RUNS/$name/eval-pgd20-$tag.json ]] && ((!DRY)) && { echo "[skip] $name is evaluated"; return 0; }
+  train "$name" "$@" && regime_eval "$name" "$eps" "$tag"
+}
+stage_regime() {  # the decisive cells first (bn, advprop, robmask at E), then E/5 and the compute-matched BN; seed-major
   have "$DATA" CIFAR-10 || return 0
-  local seed arm eps steps tag m e r=cifar10-preactresnet18-regime base
+  local seed arm eps steps tag m e bn r=cifar10-preactresnet18-regime
+  local arms="eps8:8/255:7 eps2:2/255:2" base=(--arch preactresnet18 "${C10[@]}" "${REGIME[@]}")
   for seed in 0 1 2; do
-    base=(--arch preactresnet18 "${C10[@]}" "${REGIME[@]}" --seed "$seed")
-    train "$r-bn-e$REGIME_EPOCHS-s$seed" "${base[@]}" --epochs "$REGIME_EPOCHS" --method bn
-    for arm in eps8:8/255:7 eps2:2/255:2; do
+    bn=$r-bn-e$REGIME_EPOCHS-s$seed  # one BN run per seed, evaluated in both arms
+    [[ -e $RUNS/$bn/eval-pgd20-eps2.json ]] && ((!DRY)) || train "$bn" "${base[@]}" --seed "$seed" --epochs "$REGIME_EPOCHS" --method bn
+    for arm in $arms; do
       IFS=: read -r tag eps steps <<< "$arm"
-      regime_eval "$r-bn-e$REGIME_EPOCHS-s$seed" "$eps" "$tag"
-      for m in advprop:$REGIME_EPOCHS robmask:$REGIME_EPOCHS robmask:$((REGIME_EPOCHS / 5)); do
-        IFS=: read -r m e <<< "$m"
-        train "$r-$m-$tag-e$e-s$seed" "${base[@]}" --epochs "$e" --method "$m" --eps-max "$eps" --attack-steps "$steps"
-        regime_eval "$r-$m-$tag-e$e-s$seed" "$eps" "$tag"
+      regime_eval "$bn" "$eps" "$tag"
+      for m in advprop robmask; do
+        regime_run "$r-$m-$tag-e$REGIME_EPOCHS-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$REGIME_EPOCHS" \
+          --method "$m" --eps-max "$eps" --attack-steps "$steps"
       done
+    done
+  done
+  for seed in 0 1 2; do
+    for arm in $arms; do
+      IFS=: read -r tag eps steps <<< "$arm"
+      e=$((REGIME_EPOCHS / 5))
+      regime_run "$r-robmask-$tag-e$e-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$e" --method robmask \
+        --eps-max "$eps" --attack-steps "$steps"
       e=$(matched_epochs "$r-bn-e$REGIME_EPOCHS-s0" "$r-robmask-$tag-e$REGIME_EPOCHS-s0")
-      train "$r-bn-$tag-matched-s$seed" "${base[@]}" --epochs "$e" --method bn
-      regime_eval "$r-bn-$tag-matched-s$seed" "$eps" "$tag"
+      regime_run "$r-bn-$tag-matched-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$e" --method bn
     done
   done
 }
