@@ -385,21 +385,18 @@ class BranchLoss(nn.Module):
         return loss
 
 def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
-    def bad(name, value, want):
-        raise ValueError(f"method_loss: {name}={value!r}; {want}")
-
-    if method not in METHODS:
-        bad("method", method, f"choose from {', '.join(METHODS)}")
-    if p is not None and not (isinstance(p, (int, float)) and 0 <= p <= 1):
-        bad("p", p, "p = ε/ε_max is a number in [0, 1], or None to draw it (Algorithm 1, line 3)")
-    if not (isinstance(eps_max, (int, float)) and 0 <= eps_max <= 1):
-        bad("eps_max", eps_max, "ε_max is in pixel units of [0,1] images: 8/255, not 8")
-    if not isinstance(attack_steps, int) or isinstance(attack_steps, bool) or attack_steps < 0:
-        bad("attack_steps", attack_steps, "a whole number of PGD steps, 0 or more")
-    if attack_bn not in ("eval", "train"):
-        bad("attack_bn", attack_bn, "'eval' or 'train'")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        bad("k", k, "an integer >= 1, or None")
+    """method_loss's arguments, as the CLI's parser would check them: a ValueError naming the first bad one."""
+    count = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo  # noqa: E731
+    unit = lambda v: isinstance(v, (int, float)) and 0 <= v <= 1  # noqa: E731
+    for name, value, ok, want in [
+            ("method", method, method in METHODS, f"choose from {', '.join(METHODS)}"),
+            ("p", p, p is None or unit(p), "p = ε/ε_max is a number in [0, 1], or None to draw it (Algorithm 1, line 3)"),
+            ("eps_max", eps_max, unit(eps_max), "ε_max is in pixel units of [0,1] images: 8/255, not 8"),
+            ("attack_steps", attack_steps, count(attack_steps, 0), "a whole number of PGD steps, 0 or more"),
+            ("attack_bn", attack_bn, attack_bn in ("eval", "train"), "'eval' or 'train'"),
+            ("k", k, k is None or count(k, 1), "an integer >= 1, or None")]:
+        if not ok:
+            raise ValueError(f"method_loss: {name}={value!r}; {want}")
 
 # Algorithm 1 of the paper ("The proposed RobMask method for improving model generalization"), numbered here;
 # "line N" anywhere in this file means this numbering.
@@ -628,10 +625,8 @@ def balanced_order(labels):
     """Indices that visit the classes round-robin (class 0's first, class 1's first, ...). Any
     prefix of it is a fixed, class-balanced subset, the same on every call whatever the seed.
     (Image folders are sorted by class, so "the first N" would be one or two classes.)"""
-    labels = torch.as_tensor(labels)
-    per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
-    longest = max(len(i) for i in per_class)
-    table = torch.full((len(per_class), longest), -1, dtype=torch.long)
+    per_class = [torch.nonzero(torch.as_tensor(labels) == c).flatten() for c in torch.as_tensor(labels).unique()]
+    table = torch.full((len(per_class), max(len(i) for i in per_class)), -1, dtype=torch.long)
     for c, idx in enumerate(per_class):
         table[c, : len(idx)] = idx
     order = table.t().flatten()
@@ -648,12 +643,9 @@ def list_image_folder(root):
     if not os.path.isdir(root):
         die(f"{root} does not exist; an image-folder dataset needs {root}/<class>/<image>.png|jpg")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    paths, labels, skipped = [], [], []
-    for c, name in enumerate(classes):
-        for f in sorted(os.listdir(os.path.join(root, name))):
-            (paths if f.lower().endswith(IMAGE_EXTS) else skipped).append(os.path.join(root, name, f))
-            if f.lower().endswith(IMAGE_EXTS):
-                labels.append(c)
+    files = [(os.path.join(root, name, f), c) for c, name in enumerate(classes) for f in sorted(os.listdir(os.path.join(root, name)))]
+    paths, labels = [p for p, _ in files if p.lower().endswith(IMAGE_EXTS)], [c for p, c in files if p.lower().endswith(IMAGE_EXTS)]
+    skipped = [p for p, _ in files if not p.lower().endswith(IMAGE_EXTS)]
     for f in skipped[:5]:
         warn(f"skipping non-image file {f}")
     if len(skipped) > 5:
@@ -677,8 +669,7 @@ def decode_images(paths, labels):
             warn(f"skipping unreadable image {path} ({str(e).splitlines()[0]})")
     if not images:
         die(f"none of the {len(paths)} images under {os.path.dirname(os.path.dirname(paths[0]))} could be decoded")
-    shapes = {tuple(t.shape) for t in images}
-    if len(shapes) > 1:
+    if len(shapes := {tuple(t.shape) for t in images}) > 1:
         die(f"images of different sizes {sorted(shapes)[:2]} under {os.path.dirname(paths[0])}; the CIFAR "
             "reader needs one size (use --dataset imagenet for resized ImageFolder data)")
     return torch.stack(images), labels[keep]
@@ -739,17 +730,13 @@ def to_float(x_uint8, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 class DeviceData:
-    """CIFAR-sized data kept on the training device as uint8, augmented there one batch at a time
-    (random crop with 4-pixel zero padding, horizontal flip): the airbench approach. No workers, no
-    host-to-device copies in the loop. Every random number comes from a generator derived from
-    (seed, epoch), drawn for the *global* batch: a DDP rank gets exactly the images, crops and flips
-    that a single process would have had at that position, and a resumed run gets the same epoch."""
+    """CIFAR-sized data kept on the training device as uint8, augmented there batch by batch (random crop with 4-pixel
+    zero padding, flip): the airbench approach, no workers. The random numbers come from (seed, epoch), drawn for the
+    *global* batch: a DDP rank gets exactly what a single process would at that position; a resumed run, the same epoch."""
 
     def __init__(self, x_train, y_train, x_test, y_test, classes, device, channels_last=False):
-        self.x_train, self.y_train = x_train.to(device), y_train.to(device)
-        self.x_test, self.y_test = x_test.to(device), y_test.to(device)
-        self.classes, self.device, self.channels_last = classes, device, channels_last
-        self.image_hw = tuple(x_train.shape[-2:])
+        self.x_train, self.y_train, self.x_test, self.y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
+        self.classes, self.device, self.channels_last, self.image_hw = classes, device, channels_last, tuple(x_train.shape[-2:])
 
     def steps_per_epoch(self, batch_size):
         return len(self.y_train) // batch_size  # drop the last partial batch: equal steps on all ranks
@@ -805,8 +792,8 @@ def _drop_unreadable(batch):  # None when every image of the batch was unreadabl
     return torch.utils.data.default_collate(batch) if batch else None
 
 class LoaderData:
-    """ImageNet: ImageFolder train/ and val/, standard transforms, a DataLoader with workers, pinned
-    memory and persistent workers, and a DistributedSampler (also for one process, for one code path)."""
+    """ImageNet: ImageFolder train/ and val/, standard transforms, a DataLoader with pinned memory and persistent
+    workers, and a DistributedSampler (also for one process, for one code path)."""
 
     def __init__(self, args, device, rank, world):
         import torchvision.transforms as T
@@ -833,11 +820,10 @@ class LoaderData:
                     self._train_set, subset_indices(self._train_set.targets, self.args.subset))
         return self._train_set
 
-    def _loader(self, dataset, batch_size, sampler=None, train=False, keep=False):
-        return torch.utils.data.DataLoader(
-            dataset, batch_size, sampler=sampler, num_workers=self.args.workers, drop_last=train,
-            pin_memory=self.device.type == "cuda", persistent_workers=(train or keep) and self.args.workers > 0,
-            collate_fn=_drop_unreadable)
+    def _loader(self, dataset, batch_size, sampler=None, train=False):  # workers kept from epoch to epoch
+        return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=self.args.workers, drop_last=train,
+                                           pin_memory=self.device.type == "cuda", persistent_workers=self.args.workers > 0,
+                                           collate_fn=_drop_unreadable)
 
     def steps_per_epoch(self, batch_size):
         return len(self.train_set) // batch_size
@@ -853,7 +839,7 @@ class LoaderData:
         key = (batch_size, n, rank, world)  # one loader per setting, its workers kept from epoch to epoch
         if key not in self.test_loaders:
             idx = subset_indices(self.test_set.targets, n)[rank::world].tolist()
-            self.test_loaders[key] = self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size, keep=True)
+            self.test_loaders[key] = self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size)
         yield from self._on_device(self.test_loaders[key])
 
     def _on_device(self, loader):
@@ -1289,23 +1275,19 @@ def cmd_tradeoff(args):
         if stored["k"] < 2:
             die(f"{args.ckpt} has a single BN (k=1): there is nothing to slide between. Pass a second "
                 "checkpoint that differs only in BN (e.g. its finetune-bn copy), or a RobMask/AdvProp run")
-    k = num_bases(model)
-    data = eval_data(args, stored, device)
-    rows, cache = [], {}
+    data, rows, cache, amp = eval_data(args, stored, device), [], {}, amp_context(args, device)
     for p in args.p:
-        u = encode(p, k)
+        u = encode(p, num_bases(model))
         # --recalibrate: a RobMask/AdvProp checkpoint's u(p) stands for ε = p·ε_max; the two-checkpoint
         # slider's bases stand for no ε (its p=1 end was tuned on clean images), so clean images for all p
         m = recalibrated(model, stored, args, data, cache, u, 0.0 if args.ckpt_b else p * stored["eps_max"])
-        amp = amp_context(args, device)
         clean, n = accuracy(m, data, u, 0.0, 0, args.batch_size, args.n, amp)
         torch.manual_seed(args.seed)
         robust, _ = accuracy(m, data, u, args.eps, args.steps, args.batch_size, args.n, amp)
         rows.append(dict(p=p, u=u.tolist(), clean=clean, robust=robust, eps=args.eps, steps=args.steps, n=n,
                          recalibrate=args.recalibrate))
         log(f"p {p:.2f}  clean {clean:.4f}  pgd{args.steps}@{args.eps * 255:.1f}/255 {robust:.4f}  (n={n})")
-    result = dict(checkpoints=[c for c in (args.ckpt, args.ckpt_b) if c], rows=rows)
-    write_json(args.out, result)
+    write_json(args.out, result := dict(checkpoints=[c for c in (args.ckpt, args.ckpt_b) if c], rows=rows))
     return result
 
 # Export: with u fixed, every masked BN *is* an ordinary BN, with γ = Σ_j u_j w_j, β = Σ_j u_j w'_j and the
@@ -1314,12 +1296,9 @@ def cmd_tradeoff(args):
 def fold_mask(model, u):
     """The state_dict of a k=1 model that computes in eval mode exactly what `model` computes at mask u."""
     set_mask(model, u)
-    sd = dict(model.state_dict())
-    for name, m in model.named_modules():
-        if isinstance(m, MaskedBatchNorm2d):
-            for key, t in zip(("W", "Wp", "running_mean", "running_var"), (m.mix(m.W), m.mix(m.Wp), *m.eval_stats())):
-                sd[f"{name}.{key}"] = t.detach()[None].clone()
-    return sd
+    folded = {f"{name}.{key}": t.detach()[None].clone() for name, m in model.named_modules() if isinstance(m, MaskedBatchNorm2d)
+              for key, t in zip(("W", "Wp", "running_mean", "running_var"), (m.mix(m.W), m.mix(m.Wp), *m.eval_stats()))}
+    return dict(model.state_dict(), **folded)
 
 def cmd_export(args):
     args.out = check_out(args.out, "export", args.force)
@@ -1336,11 +1315,10 @@ def cmd_export(args):
         if stored["dataset"] != "imagenet":
             die(f"--format torchvision needs a torchvision architecture (a --dataset imagenet run); {stored['arch']} is "
                 "robmask's own CIFAR model: use --format robmask")
-        names = {"W": "weight", "Wp": "bias"}
-        tv = {}
-        for key, t in sd.items():
-            head, _, leaf = key[2:].rpartition(".")  # drop the "1." of Sequential(Normalize, body)
-            tv[f"{head}.{names.get(leaf, leaf)}"] = t[0] if leaf in ("W", "Wp", "running_mean", "running_var") else t
+        names, tv = {"W": "weight", "Wp": "bias"}, {}
+        for key, t in sd.items():  # (key[2:] drops the "1." of Sequential(Normalize, body))
+            body, _, leaf = key[2:].rpartition(".")
+            tv[f"{body}.{names.get(leaf, leaf)}"] = t[0] if leaf in ("W", "Wp", "running_mean", "running_var") else t
         atomic_write(args.out, lambda f: torch.save(tv, f))
         mean, std = MEAN_STD[stored["dataset"]]
         write_json(meta_path, dict(arch=stored["arch"], num_classes=stored["num_classes"], mean=mean, std=std,
@@ -1426,8 +1404,7 @@ def cmd_bench(args):
         return lambda x, y, p: (F.cross_entropy(net(x).float(), y).backward(), net.zero_grad(set_to_none=True))
 
     peak = {m: peak_memory_mb(training_step(m), batches[0], cuda) for m in BENCHED}  # each method alone
-    masked = build_model(args.arch, 10, 2, args.width)
-    set_mask(masked, encode(0.5, 2))
+    set_mask(masked := build_model(args.arch, 10, 2, args.width), encode(0.5, 2))
     cases = {m: training_step(m) for m in BENCHED}
     cases.update(adv_unfrozen=training_step("adv", freeze_params=False),  # the common implementation of the attack
                  fwdbwd_masked=fwd_bwd(masked), fwdbwd_plain=fwd_bwd(plain_model(args.arch, 10, args.width)))
@@ -1442,8 +1419,8 @@ def cmd_bench(args):
             if r >= args.warmup:
                 times[name].append(seconds)
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    epoch = lambda: [None for _ in data.train_batches(1, args.batch_size, 0)]  # noqa: E731 (the pipeline alone)
-    pipeline = data.steps_per_epoch(args.batch_size) * args.batch_size / _timed(device, epoch)
+    pipeline = data.steps_per_epoch(args.batch_size) * args.batch_size / _timed(  # the data pipeline alone
+        device, lambda: [None for _ in data.train_batches(1, args.batch_size, 0)])
     pieces = piece_flops(build_model(args.arch, 10, 2, args.width).to(device), *batches[0], amp)
     flops, rate = {m: method_flops(m, *pieces) for m in BENCHED}, matmul_rate(device, args.amp)
     result = dict(device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
@@ -1596,21 +1573,24 @@ def read_log(run_dir):
     rows = read_json(path, lines=True)
     if not rows:
         die(f"{path} has no epochs yet (an --epochs 0 run, or one stopped in its first epoch)")
-    if not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in ("epoch", "test_acc"))
+    if not all(isinstance(r, dict) and all(isinstance(r.get(key), (int, float)) for key in ("epoch", "test_acc"))
                for r in rows):
         die(f"{path} is not a robmask training log (each line needs epoch and test_acc)")
     return rows
 
 def plot_curves(args, fig):
-    """Figure 3: clean test accuracy per epoch, one line per run; the clean training accuracy dashed, where logged."""
-    ax = fig.subplots()
+    """Figure 3: clean test accuracy per epoch (solid) and clean training accuracy (dashed, where logged), one line per
+    run; runs whose names differ only in their -s<seed> suffix are one line, their mean epoch by epoch."""
+    ax, groups = fig.subplots(), {}
     for run in args.runs:
-        rows = read_log(run)
-        line, = ax.plot([r["epoch"] for r in rows], [100 * r["test_acc"] for r in rows], marker=".",
-                        label=os.path.basename(os.path.normpath(run)))
-        train = [(r["epoch"], 100 * r["train_acc"]) for r in rows if isinstance(r.get("train_acc"), (int, float))]
-        if train:  # the gap between the two is the overfitting that RobMask's regulariser is meant to close
-            ax.plot(*zip(*train), linestyle="--", color=line.get_color())
+        groups.setdefault(re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(run))), []).append(read_log(run))
+    for name, logs in groups.items():
+        n = min(map(len, logs))  # the epochs that every seed has
+        mean = lambda key: [100 * sum(log[i][key] for log in logs) / len(logs) for i in range(n)]  # noqa: E731
+        epochs = [logs[0][i]["epoch"] for i in range(n)]
+        line, = ax.plot(epochs, mean("test_acc"), label=name + (f" (mean of {len(logs)})" if len(logs) > 1 else ""))
+        if all(isinstance(log[i].get("train_acc"), (int, float)) for log in logs for i in range(n)):
+            ax.plot(epochs, mean("train_acc"), linestyle="--", color=line.get_color())  # the gap: the overfitting
     ax.set(xlabel="epoch", ylabel="clean accuracy (%): test solid, training dashed")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -1621,7 +1601,7 @@ def plot_tradeoff(args, fig):
     for path in args.files:
         rows = read_json(path)
         rows = rows.get("rows") if isinstance(rows, dict) else None
-        if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in
+        if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(key), (int, float)) for key in
                                                             ("p", "clean", "robust")) for r in rows):
             die(f"{path} is not a `robmask.py tradeoff` result (it needs rows of p, clean, robust)")
         ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o",
@@ -1802,28 +1782,6 @@ def table(header, rows):
 STATS_ROWS = [("BN", "bn", ""), ("AdvProp", "advprop", ""), ("RobMask, mixed", "robmask-mixed", ""),
               ("RobMask, mixed + recalibrate", "robmask-mixed", "-recal"), ("RobMask, split", "robmask-split", ""),
               ("RobMask, shared", "robmask-shared", "")]
-
-def stats_section(R, out):
-    """The --bn-stats study of run_all.sh's `stats` stage: mean ± std over seeds, and paired differences."""
-    name = "cifar10-preactresnet18-stats-{}".format
-    cols = [("eval-clean{}.json", 0.0), ("eval-pgd20-clean{}.json", 8 / 255), ("eval-pgd20-matched{}.json", 8 / 255)]
-    rows = [[label] + [R.value(("eval", name(v), f.format(sfx), e)) for f, e in cols] for label, v, sfx in STATS_ROWS]
-    out += ["## Study: how masked BN keeps its running statistics (`--bn-stats`, run_all.sh stage `stats`)", "",
-            "*Question (not in the paper):* which statistics rule gives RobMask the best clean accuracy at u(0)? "
-            "PreActResNet-18, the same data, schedule and seeds for every row.", "",
-            table(["method", "clean, u(0), whole test set", "PGD-20 8/255, clean mask", "PGD-20 8/255, matched mask"],
-                  rows), "", "Paired differences in clean accuracy (points), per seed:", ""]
-    clean = {(v, sfx): R.per_seed(name(v), f"eval-clean{sfx}.json", 0.0) for _, v, sfx in STATS_ROWS}
-    diffs = []
-    for label, v, sfx in STATS_ROWS[2:]:
-        for base_label, base in (("BN", "bn"), ("AdvProp", "advprop")):
-            a, b = clean[(v, sfx)], clean[(base, "")]
-            d = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
-            per = ", ".join(f"s{s}: {100 * (a[s] - b[s]):+.2f}" for s in sorted(set(a) & set(b))) or "not run"
-            mean = f"{sum(d) / len(d):+.2f}" if d else "not run"
-            diffs.append((f"{label} − {base_label}", per, mean))
-    out += [table(["difference", "per seed", "mean"], diffs), ""]
-
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, 97.5%, df 1..10
 
 def verdict(d):
@@ -1831,17 +1789,36 @@ def verdict(d):
     n = len(d)
     if n < 2:
         return f"{d[0]:+.2f}" if d else "not run", "", "needs 2 seeds or more"
-    mean = sum(d) / n
+    mean, t = sum(d) / n, lambda m: T975[m - 2] if m <= 11 else 1.96  # noqa: E731
     sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
-    half = (T975[n - 2] if n <= 11 else 1.96) * sd / n ** 0.5
-    lo, hi = mean - half, mean + half
+    lo, hi = mean - t(n) * sd / n ** 0.5, mean + t(n) * sd / n ** 0.5
     if mean >= 1 and lo > 0:
         return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
     if mean <= 0 and hi < 0.5:
         return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
-    more = next((m for m in range(n + 1, 101) if (T975[m - 2] if m <= 11 else 1.96) * sd / m ** 0.5 < abs(mean)), None)
+    more = next((m for m in range(n + 1, 101) if t(m) * sd / m ** 0.5 < abs(mean)), None)
     return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", (
         f"undecided: about {more} seeds would exclude 0" if more else "undecided at any number of seeds near this mean")
+
+def paired(label_a, a, label_b, b):
+    """A row of paired per-seed differences a − b (points) of two {seed: accuracy} maps, read by the rule."""
+    d = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
+    return (f"{label_a} − {label_b}", ", ".join(f"s{s}: {v:+.2f}" for s, v in zip(sorted(set(a) & set(b)), d)) or "not run",
+            *verdict(d))
+
+def stats_section(R, out):
+    """The --bn-stats study of run_all.sh's `stats` stage: mean ± std over seeds, and paired differences."""
+    name = "cifar10-preactresnet18-stats-{}".format
+    cols = [("eval-clean{}.json", 0.0), ("eval-pgd20-clean{}.json", 8 / 255), ("eval-pgd20-matched{}.json", 8 / 255)]
+    rows = [[label] + [R.value(("eval", name(v), f.format(sfx), e)) for f, e in cols] for label, v, sfx in STATS_ROWS]
+    clean = {label: R.per_seed(name(v), f"eval-clean{sfx}.json", 0.0) for label, v, sfx in STATS_ROWS}
+    out += ["## Study: how masked BN keeps its running statistics (`--bn-stats`, run_all.sh stage `stats`)", "",
+            "*Question (not in the paper):* which statistics rule gives RobMask the best clean accuracy at u(0)? "
+            "PreActResNet-18, the same data, schedule and seeds for every row.", "",
+            table(["method", "clean, u(0), whole test set", "PGD-20 8/255, clean mask", "PGD-20 8/255, matched mask"],
+                  rows), "", "Paired differences in clean accuracy (points), per seed:", "",
+            table(["difference", "per seed", "mean", "95% t-interval", "reading"],
+                  [paired(a, clean[a], b, clean[b]) for a, *_ in STATS_ROWS[2:] for b in ("BN", "AdvProp")]), ""]
 
 def regime_section(R, out):
     """The overfitting-regime study of run_all.sh's `regime` stage: per arm, mean ± std and paired differences."""
@@ -1854,22 +1831,17 @@ def regime_section(R, out):
             f"AdvProp in clean accuracy where BN fits its training set? E = {big_e} epochs; paired over seeds.", ""]
     for tag, eps, label in (("eps8", 8 / 255, "ε_max 8/255, PGD-7"), ("eps2", 2 / 255, "ε_max 2/255, PGD-2")):
         arms = [("BN", f"bn-e{big_e}"), ("AdvProp", f"advprop-{tag}-e{big_e}"), ("RobMask", f"robmask-{tag}-e{big_e}"),
-                (f"RobMask, E/5 = {big_e // 5} epochs", f"robmask-{tag}-e{big_e // 5}"),
-                ("BN, RobMask's wall time", f"bn-{tag}-matched")]
-        rows, clean = [], {}
+                (f"RobMask, E/5 = {big_e // 5} epochs", f"robmask-{tag}-e{big_e // 5}"), ("BN, RobMask's wall time", f"bn-{tag}-matched")]
+        clean, rows = {lbl: R.per_seed(name(v), "eval-clean.json", 0.0) for lbl, v in arms}, []
         for lbl, v in arms:
-            clean[v] = R.per_seed(name(v), "eval-clean.json", 0.0)
             logs = [log for log in map(R.log, R.seeds(name(v))) if log]
-            rows.append([lbl, R.cell(list(clean[v].values())), R.value(("eval", name(v), f"eval-pgd20-{tag}.json", eps)),
+            rows.append([lbl, R.cell(list(clean[lbl].values())), R.value(("eval", name(v), f"eval-pgd20-{tag}.json", eps)),
                          R.cell([log[-1].get("train_acc") for log in logs]), ", ".join(str(len(log)) for log in logs) or "-"])
         out += [f"### {label}", "", table(["method", "clean, u(0), whole test set", f"PGD-20 {round(eps * 255)}/255, "
-                                           "matched mask", "final train acc", "epochs per seed"], rows), ""]
-        diffs = []
-        for (a, b) in ((2, 0), (2, 1), (3, 0), (2, 4)):
-            x, y = clean[arms[a][1]], clean[arms[b][1]]
-            d = [100 * (x[s] - y[s]) for s in sorted(set(x) & set(y))]
-            diffs.append((f"{arms[a][0]} − {arms[b][0]}", ", ".join(f"{v:+.2f}" for v in d) or "not run", *verdict(d)))
-        out += [table(["difference (points)", "per seed", "mean", "95% t-interval", "reading"], diffs), ""]
+                                           "matched mask", "final train acc", "epochs per seed"], rows), "",
+                table(["difference (points)", "per seed", "mean", "95% t-interval", "reading"],
+                      [paired(arms[a][0], clean[arms[a][0]], arms[b][0], clean[arms[b][0]])
+                       for a, b in ((2, 0), (2, 1), (3, 0), (2, 4))]), ""]
 
 def cmd_report(args):
     if not os.path.isdir(args.runs):

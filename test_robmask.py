@@ -1248,6 +1248,26 @@ def test_plot_curves_names_the_bad_log(tmp_path, capsys, content, fragment):
     one_line_error(capsys, cli("plot", "curves", run, "--out", tmp_path / "c.png"), str(run), fragment)
 
 
+def test_plot_curves_averages_the_seeds_of_a_run_epoch_by_epoch(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for seed, (test, train_acc) in enumerate([((0.2, 0.4, 0.5), (0.3, 0.6, 0.9)), ((0.4, 0.6, 0.7), (0.5, 0.8, 1.0))]):
+        write_run(str(tmp_path), f"x-bn-s{seed}", list(test))
+        rows = [dict(json.loads(line), train_acc=a) for line, a in zip(open(tmp_path / f"x-bn-s{seed}" / "log.jsonl"), train_acc)]
+        (tmp_path / f"x-bn-s{seed}" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_run(str(tmp_path), "x-adv-s0", [0.1, 0.2])  # no training accuracy logged: no dashed line
+    fig = plt.figure()
+    rm.plot_curves(argparse.Namespace(runs=[tmp_path / "x-bn-s0", tmp_path / "x-bn-s1", tmp_path / "x-adv-s0"]), fig)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["x-bn (mean of 2)", "_child1", "x-adv"]
+    assert lines[0].get_ydata() == pytest.approx([30, 50, 60]) and lines[1].get_ydata() == pytest.approx([40, 70, 95])
+    assert list(lines[2].get_xdata()) == [1, 2]
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("content,fragment", [(None, "cannot read"), ("garbage", "not valid JSON"), ("{}", "not a `robmask.py tradeoff`"),
                                               ("[1]", "not a `robmask.py tradeoff`"), ('{"rows": [{"p": "x"}]}', "not a")])
 def test_plot_tradeoff_names_the_bad_file(tmp_path, capsys, content, fragment):
@@ -1938,8 +1958,8 @@ def test_report_writes_the_regime_tables_with_paired_differences(tmp_path):
     assert cli("report", runs) == 0
     text = (runs / "RESULTS.md").read_text()
     assert "E = 40 epochs" in text and "| RobMask | 73.33 ± 1.04 (n=3) | not run | 99.50 ± 0.00 (n=3) | 40, 40, 40 |" in text
-    assert "| RobMask − BN | +3.00, +2.50, +1.50 | +2.33 |" in text and "supports the claim at this scale" in text
-    assert "| RobMask − AdvProp | +5.00, +5.50, +2.50 | +4.33 |" in text
+    assert "| RobMask − BN | s0: +3.00, s1: +2.50, s2: +1.50 | +2.33 |" in text and "supports the claim at this scale" in text
+    assert "| RobMask − AdvProp | s0: +5.00, s1: +5.50, s2: +2.50 | +4.33 |" in text
 
 
 
