@@ -782,7 +782,8 @@ def _safe_pil_loader(path):  # an unreadable file is skipped with a warning, by 
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except OSError as e:
-        return warn(f"skipping unreadable image {path} ({e})")
+        warn(f"skipping unreadable image {path} ({e})")
+        return None
 
 def _unless_unreadable(transform, image):
     return None if image is None else transform(image)
@@ -1001,7 +1002,8 @@ def start_run(args, given, device, rank, world, init_from=None):
     """Data, model and optimiser of a run, resumed from --out's checkpoint where there is one. None: nothing to do."""
     ckpt = prepare_out_dir(args, given)
     if ckpt is not None and ckpt.get("complete"):
-        return log(f"[skip] {args.out} is complete ({ckpt['epoch']} epochs)")  # (None: nothing to do)
+        log(f"[skip] {args.out} is complete ({ckpt['epoch']} epochs)")
+        return None  # nothing to do
     data = load_data(args, device, rank, world)
     if args.num_classes not in (None, len(data.classes)) or getattr(args, "classes", None) not in (None, [], list(data.classes)):
         die(f"the checkpoint's {args.num_classes} classes are not the {len(data.classes)} classes of the data in "
@@ -1657,7 +1659,8 @@ class Runs:
         try:
             return read_json(path, lines) if os.path.isfile(path) else None
         except UserError as e:
-            return warn(f"{e}: its cells show as not run")
+            warn(f"{e}: its cells show as not run")
+            return None
 
     def rows(self, path, keys):
         """The rows of a result file that carry numeric `keys` (malformed ones are skipped, with a warning)."""
@@ -2187,7 +2190,7 @@ FLAG_GROUPS = {
                 ("--recalibrate", dict(type=positive_int, metavar="N", help="precise BN: re-estimate the statistics on "
                                        "N training images at each mask first (the checkpoint is not changed)"))],
     "force": [("--force", dict(ON, help="replace an --out file that robmask did not write"))],
-    "png": [("--out", dict(required=True, help="PNG file")), ("--force", dict(ON, help="replace an --out file that robmask did not write"))],
+    "png": [("--out", dict(required=True, help="PNG file"))],
     "two": [("ckpt_a", {}), ("ckpt_b", {})],
 }
 
@@ -2263,10 +2266,10 @@ def make_parser():
             ("--warmup", dict(type=nonneg_int, default=2)), ("--out", {}))
     kinds = sub.add_parser("plot", help="Figures 1, 3, 4 and trade-off curves (PNG)").add_subparsers(
         dest="kind", required=True, parser_class=Parser)
-    command("bn-params", "two png", "Figure 1", ("--layer", dict(type=positive_int, default=1)), parent=kinds)
-    command("feature-maps", "two data png", "Figure 4", ("--image", dict(type=nonneg_int, default=0)), parent=kinds)
-    command("curves", "png", "Figure 3", ("runs", dict(nargs="+")), parent=kinds)
-    command("tradeoff", "png", "clean vs robust accuracy over p", ("files", dict(nargs="+")), parent=kinds)
+    command("bn-params", "two png force", "Figure 1", ("--layer", dict(type=positive_int, default=1)), parent=kinds)
+    command("feature-maps", "two data png force", "Figure 4", ("--image", dict(type=nonneg_int, default=0)), parent=kinds)
+    command("curves", "png force", "Figure 3", ("runs", dict(nargs="+")), parent=kinds)
+    command("tradeoff", "png force", "clean vs robust accuracy over p", ("files", dict(nargs="+")), parent=kinds)
     command("cost", "", "FLOPs and GPU-hours per stage of a `run_all.sh --dry-run` output",
             ("commands", dict(help="a file holding run_all.sh --dry-run's output")))
     command("report", "force", "RESULTS.md from a runs folder written by run_all.sh", ("runs", {}),
