@@ -46,16 +46,11 @@ FORMAT = "robmask/1"  # written into every checkpoint; anything else is refused 
 class UserError(Exception):
     """A problem with what the user asked for. main() prints it as one line and exits 2, never a traceback."""
 
-def die(msg):
-    raise UserError(msg)
-
+def die(msg): raise UserError(msg)
 def log(*a, **kw):
     """Print on rank 0 only, so that torchrun jobs don't print every line N times."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **kw, flush=True)
-
-def warn(msg):
-    log(f"robmask: warning: {msg}", file=sys.stderr)
+    if not dist.is_initialized() or dist.get_rank() == 0: print(*a, **kw, flush=True)
+def warn(msg): log(f"robmask: warning: {msg}", file=sys.stderr)
 
 # The paper's constants (§5), one home each: the parser, method_loss and bench read them from here.
 EPS_MAX = 8 / 255  # ε_max: the largest perturbation strength trained on (§4, §5), in pixel units of [0,1] images
@@ -65,45 +60,31 @@ K = 2  # RobMask's number of bases W, W' (§5: "we set k = 2 and ε_max = 8/255"
 LR, MOMENTUM, WD, BATCH, EPOCHS = 0.1, 0.9, 5e-4, 128, 100  # SGD with a cosine schedule (§5); 100 epochs (Table 3)
 BN_STATS, DEFAULT_BN_STATS = ("mixed", "split", "shared"), "mixed"  # not in the paper: see MaskedBatchNorm2d
 
-# =============================================================================================
-# §2  Preliminaries: adversarial training and batch normalisation
-# =============================================================================================
+# ==== §2  Preliminaries: adversarial training and batch normalisation ===============================================
 # Adversarial training (Madry et al.) solves  min_θ Σ_i max_{x'∈B∞(x_i,ε)} ℓ(f_θ(x'), y_i).
 # The inner max has no closed form for a deep net; PGD approximates it with m signed-gradient
 # steps of size α, each followed by a projection back onto the ε-ball (and onto [0,1], since the
 # models here take pixels in [0,1]: the dataset mean/std live inside the model, see Normalize).
 @torch.enable_grad()  # the attack needs ∂ℓ/∂x, even when called under no_grad
-def pgd(model, x, y, eps, alpha=None, steps=ATTACK_STEPS, freeze_params=True, check=True):
+def pgd(model, x, y, eps, alpha=None, steps=ATTACK_STEPS, check=True):
     """L∞ untargeted PGD with a uniform random start: x_adv with |x_adv-x|∞ ≤ ε, in [0,1]. The model attacked is
-    as set (mask u, BN mode): each branch attacks with its own u. alpha: ε/5 by default (§5). freeze_params: no
-    weight gradient is ever computed (the attack needs ∂ℓ/∂x only); False is the common implementation, which
-    `bench` compares. check: refuse images outside [0,1] (it reads them on the host; the loops skip it)."""
-    if check:
-        check_pixels(x)
-    if eps == 0 or steps == 0:
-        return x
+    as set (mask u, BN mode): each branch attacks with its own u. alpha: ε/5 by default (§5). No weight gradient
+    is ever computed (the attack needs ∂ℓ/∂x only: a quarter less time than loss.backward(), measured by an
+    earlier bench). check: refuse images outside [0,1] (it reads them on the host; the loops skip it)."""
+    if check: check_pixels(x)
+    if eps == 0 or steps == 0: return x
     alpha = eps / ALPHA_DIV if alpha is None else alpha
     lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)  # the feasible box: ε-ball ∩ [0,1]
     x_adv = torch.empty_like(x).uniform_(-eps, eps).add_(x).clamp_(lo, hi).requires_grad_(True)
     weights = [w for w in model.parameters() if w.requires_grad]
-    for w in weights if freeze_params else []:
-        w.requires_grad_(False)
+    for w in weights: w.requires_grad_(False)
     try:
         for _ in range(steps):
-            loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
-            if freeze_params:
-                (grad,) = torch.autograd.grad(loss, x_adv)
-            else:
-                loss.backward()
-                grad = x_adv.grad
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv).float(), y, reduction="sum"), x_adv)
             with torch.no_grad():  # step along the sign, then project: in place, the one buffer
                 x_adv.add_(grad.sign(), alpha=alpha).clamp_(lo, hi)
-            x_adv.grad = None
     finally:
-        for w in weights if freeze_params else []:
-            w.requires_grad_(True)
-        if not freeze_params:
-            model.zero_grad(set_to_none=True)
+        for w in weights: w.requires_grad_(True)
     return x_adv.detach()
 
 def check_pixels(x):
@@ -130,8 +111,7 @@ def check_pixels(x):
 # adversarial basis whose anchor is nearest to p. A layer starts at u(0), the clean mask.
 def encode(p, k, onehot=False, device=None):
     """u(p) ∈ R^k, built on `device` by kernels that take p as a number: no copy from the host, no wait."""
-    if k == 1:
-        return torch.ones(1, device=device)
+    if k == 1: return torch.ones(1, device=device)
     p = min(max(float(p), 0.0), 1.0)  # strengths beyond ε_max use the ε_max mask
     if onehot:
         j = 0 if p == 0 else 1 + int(torch.argmin((torch.linspace(0, 1, k)[1:] - p).abs()))  # on the host
@@ -154,13 +134,11 @@ def encode(p, k, onehot=False, device=None):
 # and keeps AdvProp's own two sets of statistics; recalibrating its clean basis (precise BN) gains +0.09.
 class MaskedBatchNorm2d(nn.Module):
     """BatchNorm2d with k bases for the affine rescaling, and k rows of running statistics (1 if shared).
-
     Parameters: W (k×C) holds the γ bases w_j, Wp (k×C) the β bases w'_j (the paper's W').
     Buffers: running_mean, running_var (k×C, or 1×C for --bn-stats shared); u (k,), the current encoding.
-    set_mask() gives every layer u and whether the batch is adversarial before a forward (neither is saved
-    in checkpoints); the layer's own `stats` rule decides how far each row of statistics moves.
-    bn_eps is BatchNorm2d's eps, the variance floor (not an attack's ε)."""
-
+    set_mask() gives every layer u and whether the batch is adversarial before a forward (neither is saved in
+    checkpoints); the layer's own `stats` rule decides how far each row of statistics moves. bn_eps is BatchNorm2d's
+    eps, the variance floor (not an attack's ε)."""
     def __init__(self, num_features, k=1, bn_eps=1e-5, momentum=0.1, stats=DEFAULT_BN_STATS):
         super().__init__()
         self.num_features, self.k, self.bn_eps, self.momentum, self.stats = num_features, k, bn_eps, momentum, stats
@@ -177,8 +155,7 @@ class MaskedBatchNorm2d(nn.Module):
     @staticmethod
     def stat_weights(u, stats, adversarial):
         """How far each row of running statistics moves toward a training batch's statistics (× momentum)."""
-        if stats == "shared":
-            return torch.ones(1, device=u.device)
+        if stats == "shared": return torch.ones(1, device=u.device)
         if stats == "split" and len(u) > 1:
             if not adversarial:  # the clean branch moves the clean basis (row 0) alone
                 return (torch.arange(len(u), device=u.device) == 0).float()
@@ -193,15 +170,13 @@ class MaskedBatchNorm2d(nn.Module):
 
     def eval_stats(self):
         """(μ, σ²) for evaluation: one set of statistics (shared) as it is, else the u-mixture of the rows."""
-        if self.stats == "shared":
-            return self.running_mean[0], self.running_var[0]
+        if self.stats == "shared": return self.running_mean[0], self.running_var[0]
         return self.mix(self.running_mean), self.mix(self.running_var)
 
     def forward(self, x):
         gamma = self.mix(self.W)  # γ = Σ_j u_j w_j   (Algorithm 1, line 11)
         beta = self.mix(self.Wp)  # β = Σ_j u_j w'_j  (Algorithm 1, line 11)
-        if not self.training:
-            return F.batch_norm(x, *self.eval_stats(), gamma, beta, False, 0.0, self.bn_eps)
+        if not self.training: return F.batch_norm(x, *self.eval_stats(), gamma, beta, False, 0.0, self.bn_eps)
         if not self.update_stats:  # e.g. a PGD attack in train-BN mode: batch stats, no update
             return F.batch_norm(x, None, None, gamma, beta, True, 0.0, self.bn_eps)
         # Training: normalise with the batch statistics. With momentum=1 the kernel writes the batch
@@ -231,15 +206,12 @@ def convert_masked_bn(module, k=1, stats=DEFAULT_BN_STATS):
         if not (module.affine and module.track_running_stats) or module.momentum is None:
             raise ValueError("convert_masked_bn needs BatchNorm2d(affine=True, track_running_stats=True, momentum=float)")
         new = MaskedBatchNorm2d(module.num_features, k, module.eps, module.momentum, stats)
-        with torch.no_grad():
-            new.W.copy_(module.weight.expand(k, -1))
-            new.Wp.copy_(module.bias.expand(k, -1))
-            new.running_mean.copy_(module.running_mean.expand_as(new.running_mean))
-            new.running_var.copy_(module.running_var.expand_as(new.running_var))
-            new.num_batches_tracked.copy_(module.num_batches_tracked)
+        with torch.no_grad():  # every basis starts as the BatchNorm2d it replaces
+            for mine, theirs in ((new.W, module.weight), (new.Wp, module.bias), (new.running_mean, module.running_mean),
+                                 (new.running_var, module.running_var), (new.num_batches_tracked, module.num_batches_tracked)):
+                mine.copy_(theirs.expand_as(mine))
         return new if new.W.device == module.weight.device else new.to(module.weight.device)
-    for name, child in module.named_children():
-        module.add_module(name, convert_masked_bn(child, k, stats))
+    for name, child in module.named_children(): module.add_module(name, convert_masked_bn(child, k, stats))
     return module
 
 def masked_layers(model, required=False):
@@ -249,8 +221,7 @@ def masked_layers(model, required=False):
                          "on a model with nn.BatchNorm2d first")
     return layers
 
-def num_bases(model):
-    return masked_layers(model, required=True)[0].k
+def num_bases(model): return masked_layers(model, required=True)[0].k
 
 def set_mask(model, u, adversarial=False):
     """Give every masked BN layer of `model` the encoding u (a length-k vector) for the next forward,
@@ -261,8 +232,7 @@ def set_mask(model, u, adversarial=False):
     u = torch.as_tensor(u, dtype=torch.float32).to(layers[0].W.device)
     if u.shape != (layers[0].k,):
         raise ValueError(f"mask u has shape {tuple(u.shape)}, the model has k={layers[0].k} bases")
-    for m in layers:
-        m.u, m.adversarial = u, adversarial
+    for m in layers: m.u, m.adversarial = u, adversarial
 
 @contextlib.contextmanager
 def kept(model):
@@ -271,11 +241,9 @@ def kept(model):
     written in place, so a forward run inside keeps the u its backward needs."""
     modes, layers = [(m, m.training) for m in model.modules()], masked_layers(model)
     saved = [(m.u, m.adversarial, m.update_stats) for m in layers]
-    try:
-        yield layers
+    try: yield layers
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, training in modes: m.training = training
         for m, (u, adversarial, update) in zip(layers, saved):
             m.u, m.adversarial, m.update_stats = u, adversarial, update
 
@@ -285,15 +253,11 @@ def attack_bn_mode(model, mode):
     'eval' : use the running statistics (what TRADES, OAT and most AdvProp ports do);
     'train': use the batch statistics but leave the running statistics untouched."""
     with kept(model) as layers:
-        if mode == "eval":
-            model.eval()
-        for m in layers:
-            m.update_stats = False
+        if mode == "eval": model.eval()
+        for m in layers: m.update_stats = False
         yield
 
-# =============================================================================================
-# §3  Adversarial masking: the analysis tools
-# =============================================================================================
+# ==== §3  Adversarial masking: the analysis tools ===================================================================
 # §3.1: fine-tune only BN (everything else frozen) of a standard model on adversarial examples, or
 # of an adversarially trained model on clean images, and the model moves along the clean/robust
 # trade-off. Which parts of BN are allowed to move (--params of finetune-bn):
@@ -307,22 +271,17 @@ BN_PARTS = {
 def trainable_parameters(model, bn_params=None):
     """All parameters, or (for finetune-bn) only the chosen parts of the masked BN layers. The rest
     get requires_grad=False, so they get no gradient, no weight decay and stay bitwise unchanged."""
-    if bn_params is None:
-        return list(model.parameters())
-    for w in model.parameters():
-        w.requires_grad_(False)
+    if bn_params is None: return list(model.parameters())
+    for w in model.parameters(): w.requires_grad_(False)
     chosen = [getattr(m, name) for m in masked_layers(model) for name in BN_PARTS[bn_params]]
-    for w in chosen:
-        w.requires_grad_(True)
+    for w in chosen: w.requires_grad_(True)
     return chosen
 
 # §3.2: with two maskings (γ, β) and (γ', β'), the combination (1-p)(γ, β) + p(γ', β') gives a model per p, a
 # trade-off slider without retraining. That is exactly the masked layer with k=2 and u = encode(p, 2) = [1-p, p]:
 # stacking two models' BN layers as its two bases gives the slider (the `tradeoff` command does, in §5).
 
-# =============================================================================================
-# §4  RobMask
-# =============================================================================================
+# ==== §4  RobMask ===================================================================================================
 # Methods as data. One training step of any method is a list of branches; a branch is a strength
 # (ε/ε_max, or "p", drawn per mini-batch) with the mask u = encode(strength). The step attacks each
 # branch with its own mask, forwards it, sums the mean CE losses and takes one SGD step.
@@ -343,37 +302,29 @@ METHODS = {
 def method_k(method, k=None):
     """The number of bases k that `method` needs (robmask: k, default K)."""
     return METHODS[method][0] or k or K
-
 def mask_for(method, p, k=None, device=None):
     """The encoding u(p) that `method` uses for strength p = ε/ε_max."""
     return encode(p, method_k(method, k), METHODS[method][1] == "onehot", device)
-
 def branch_strengths(method, adv_only=False):
-    if method == "robmask" and adv_only:  # Algorithm 1 read literally
-        return ("p",)
+    if method == "robmask" and adv_only: return ("p",)  # Algorithm 1 read literally
     return METHODS[method][2]
-
 def branches(method, p, k=None, adv_only=False, device=None):
     """[(ε_i/ε_max, u_i), ...] for one mini-batch with the drawn p (Algorithm 1, lines 4-5)."""
     strengths = (p if s == "p" else s for s in branch_strengths(method, adv_only))
     return [(s, mask_for(method, s, k, device)) for s in strengths]
 
 class BranchLoss(nn.Module):
-    """Σ_i mean CE(f(x_i; γ(u_i), β(u_i)), y) over a step's branches, in a single forward.
-    Wrapping this (not the network) in DistributedDataParallel means DDP sees one forward and one
-    backward per step however many branches there are: each parameter's gradient is accumulated
-    over all branches by autograd before DDP's hook all-reduces it, exactly once."""
-
+    """Σ_i mean CE(f(x_i; γ(u_i), β(u_i)), y) over a step's branches, in a single forward. Wrapping this (not the
+    network) in DistributedDataParallel means DDP sees one forward and one backward per step however many branches
+    there are: each parameter's gradient is accumulated over all branches by autograd before DDP's hook all-reduces it."""
     def __init__(self, net, amp=contextlib.nullcontext):
         super().__init__()
         self.net, self.amp = net, amp
-
     def forward(self, xs, us, advs, y):
         loss, ces, hits = 0.0, [], None
         for x, u, adv in zip(xs, us, advs):
             set_mask(self.net, u, adversarial=adv)
-            with self.amp():
-                logits = self.net(x)
+            with self.amp(): logits = self.net(x)
             ce = F.cross_entropy(logits.float(), y)
             loss = loss + ce  # summed in branch order, as the published runs did
             ces.append(ce.detach())
@@ -395,8 +346,7 @@ def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
             ("attack_steps", attack_steps, count(attack_steps, 0), "a whole number of PGD steps, 0 or more"),
             ("attack_bn", attack_bn, attack_bn in ("eval", "train"), "'eval' or 'train'"),
             ("k", k, k is None or count(k, 1), "an integer >= 1, or None")]:
-        if not ok:
-            raise ValueError(f"method_loss: {name}={value!r}; {want}")
+        if not ok: raise ValueError(f"method_loss: {name}={value!r}; {want}")
 
 # Algorithm 1 of the paper ("The proposed RobMask method for improving model generalization"), numbered here;
 # "line N" anywhere in this file means this numbering.
@@ -422,14 +372,13 @@ def check_method_args(method, p, eps_max, attack_steps, attack_bn, k):
 # u_0, and the loss is the sum over branches); lines 12-14 are train_step's one backward and SGD step (η_1 = η_2 =
 # η_3, §5). PGD starts from a uniform random δ (§5: "with random initialization"), and also projects onto [0,1].
 def method_loss(model, x, y, method="robmask", p=None, eps_max=EPS_MAX, attack_steps=ATTACK_STEPS, attack_bn="eval",
-                k=None, fix_p=None, adv_only=False, freeze_params=True, freeze_stats=False, amp=contextlib.nullcontext,
+                k=None, fix_p=None, adv_only=False, freeze_stats=False, amp=contextlib.nullcontext,
                 loss_module=None, generator=None, check=True):
     """The library API: a step's summed loss of `method` on a batch, attacks included (Algorithm 1, lines 3-11), for any
-    model that went through convert_masked_bn (k bases). Call .backward() and step your optimizer.
-    p: None draws it per call (line 3); fix_p freezes it (--fix-p); adv_only drops RobMask's clean branch.
-    freeze_params: the attack computes no weight gradient (pgd). freeze_stats: BN normalises with its running
-    statistics (finetune-bn --freeze-stats). loss_module: BranchLoss(model), possibly inside DDP. generator: where p
-    is drawn from. check=False skips the argument checks (the CLI has made them; reading the images would wait)."""
+    model that went through convert_masked_bn (k bases). Call .backward() and step your optimizer. p: None draws it per
+    call (line 3); fix_p freezes it (--fix-p); adv_only drops RobMask's clean branch. freeze_stats: BN normalises with its
+    running statistics (finetune-bn --freeze-stats). loss_module: BranchLoss(model), possibly inside DDP. generator:
+    where p is drawn from. check=False skips the argument checks (the CLI made them; reading the images would wait)."""
     if check:
         check_method_args(method, p, eps_max, attack_steps, attack_bn, k)
         check_pixels(x)
@@ -446,15 +395,14 @@ def method_loss(model, x, y, method="robmask", p=None, eps_max=EPS_MAX, attack_s
             if eps_i > 0:  # lines 6-10, with the branch's own mask; the clean branch (ε=0) is never attacked
                 set_mask(model, u)
                 with attack_bn_mode(model, attack_bn), amp():
-                    x_i = pgd(model, x, y, eps_i, eps_i / ALPHA_DIV, attack_steps, freeze_params, check=False)
+                    x_i = pgd(model, x, y, eps_i, eps_i / ALPHA_DIV, attack_steps, check=False)
             else:
                 x_i = x
             xs.append(x_i)
             us.append(u)
             advs.append(eps_i > 0)
         if freeze_stats:  # finetune-bn --freeze-stats: normalise with the running stats
-            for m in layers:
-                m.eval()
+            for m in layers: m.eval()
         return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)  # line 11 (inside each forward) and the loss
 
 def train_step(net, loss_module, opt, x, y, amp=contextlib.nullcontext, generator=None, **method):
@@ -468,33 +416,24 @@ def train_step(net, loss_module, opt, x, y, amp=contextlib.nullcontext, generato
     opt.step()
     return loss.detach()
 
-# =============================================================================================
-# §5  Experiments
-# =============================================================================================
+# ==== §5  Experiments ===============================================================================================
 # ---- 5.1 Models ------------------------------------------------------------------------------
 # CIFAR models after kuangliu/pytorch-cifar (the de-facto reference; the tests check that the
 # parameter counts match it). Written with plain nn.BatchNorm2d; build_model() converts them.
 # --width scales the base channel count (64 in the paper), for CPU-sized runs.
-MEAN_STD = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
+MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+            "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 
 class Normalize(nn.Module):
     """The model's first layer: (x - mean)/std. Images and attacks live in [0,1] pixel space."""
-
     def __init__(self, mean, std):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+    def forward(self, x): return (x - self.mean) / self.std
 
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-def conv(cin, cout, k=3, stride=1, groups=1):
-    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+def conv(cin, cout, k=3, stride=1, groups=1): return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
 
 class PreActBlock(nn.Module):  # He et al. 2016b: BN-ReLU-conv, twice; shortcut from the first BN-ReLU
     def __init__(self, cin, cout, stride):
@@ -502,7 +441,6 @@ class PreActBlock(nn.Module):  # He et al. 2016b: BN-ReLU-conv, twice; shortcut 
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv(cin, cout, 3, stride)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv(cout, cout)
         self.shortcut = conv(cin, cout, 1, stride) if stride != 1 or cin != cout else None
-
     def forward(self, x):
         out = F.relu(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(out)
@@ -515,7 +453,6 @@ class BasicBlock(nn.Module):  # He et al. 2016a: conv-BN-ReLU-conv-BN, add, ReLU
         self.conv2, self.bn2 = conv(cout, cout), nn.BatchNorm2d(cout)
         self.shortcut = (nn.Sequential(conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
                          if stride != 1 or cin != cout else nn.Identity())
-
     def forward(self, x):
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         return F.relu(out + self.shortcut(x))
@@ -529,7 +466,6 @@ class ResNeXtBlock(nn.Module):  # Xie et al. 2017: 1x1, grouped 3x3 (cardinality
         self.conv3, self.bn3 = conv(width, cout, 1), nn.BatchNorm2d(cout)
         self.shortcut = (nn.Sequential(conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
                          if stride != 1 or cin != cout else nn.Identity())
-
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
@@ -540,14 +476,12 @@ class DenseLayer(nn.Module):  # Huang et al.: BN-ReLU-1x1(4g)-BN-ReLU-3x3(g), co
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv(cin, 4 * growth, 1)
         self.bn2, self.conv2 = nn.BatchNorm2d(4 * growth), conv(4 * growth, growth)
-
     def forward(self, x):
         out = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
         return torch.cat([out, x], 1)
 
 class Transition(nn.Sequential):  # BN-ReLU-1x1 conv-2x2 average pool, halving the channels
-    def __init__(self, cin, cout):
-        super().__init__(nn.BatchNorm2d(cin), nn.ReLU(), conv(cin, cout, 1), nn.AvgPool2d(2))
+    def __init__(self, cin, cout): super().__init__(nn.BatchNorm2d(cin), nn.ReLU(), conv(cin, cout, 1), nn.AvgPool2d(2))
 
 def stages(block, cin, widths, depths, expansion=1):
     """Residual stages: the first block of every stage after the first downsamples by 2."""
@@ -558,9 +492,8 @@ def stages(block, cin, widths, depths, expansion=1):
             cin = w * expansion
     return layers, cin
 
-def cifar_body(arch, width):
-    """(layers, feature channels) of a CIFAR model; the caller adds pooling and the classifier."""
-    w = width
+def cifar_body(arch, w):
+    """(layers, feature channels) of a CIFAR model at width w; the caller adds pooling and the classifier."""
     if arch == "preactresnet18":
         layers, c = stages(PreActBlock, w, [w, 2 * w, 4 * w, 8 * w], [2, 2, 2, 2])
         return [conv(3, w)] + layers, c
@@ -571,8 +504,7 @@ def cifar_body(arch, width):
         layers, c = stages(ResNeXtBlock, w, [2 * w, 4 * w, 8 * w], [3, 3, 3], expansion=2)
         return [conv(3, w, 1), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
     if arch == "densenet121":  # growth 32 at width 64, blocks 6-12-24-16, compression 0.5
-        g, c = w // 2, w
-        layers = [conv(3, c)]
+        g, c, layers = w // 2, w, [conv(3, w)]
         for i, n in enumerate([6, 12, 24, 16]):
             for _ in range(n):
                 layers.append(DenseLayer(c, g))
@@ -598,8 +530,7 @@ def plain_model(arch, num_classes, width=64, dataset="cifar10"):
     mean, std = MEAN_STD.get(dataset, MEAN_STD["cifar10"])
     if dataset == "imagenet":
         import torchvision
-        # googlenet and inception_v3 add auxiliary classifiers whose outputs training would have to weigh in; the
-        # paper's method has one loss per branch, so they are built without them (main logits only)
+        # googlenet and inception_v3 without their auxiliary classifiers: the method has one loss per branch
         aux = dict(aux_logits=False, init_weights=True) if arch in ("googlenet", "inception_v3") else {}
         body = torchvision.models.get_model(arch, num_classes=num_classes, **aux)
     else:
@@ -615,43 +546,30 @@ def build_model(arch, num_classes, k=1, width=64, dataset="cifar10", bn_stats=DE
             "(ViTs and ConvNeXts use LayerNorm)")
     return model
 
-def count_params(model):
-    return sum(w.numel() for w in model.parameters())
+def count_params(model): return sum(w.numel() for w in model.parameters())
 
 # ---- 5.2 Data --------------------------------------------------------------------------------
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
-def balanced_order(labels):
-    """Indices that visit the classes round-robin (class 0's first, class 1's first, ...). Any
-    prefix of it is a fixed, class-balanced subset, the same on every call whatever the seed.
-    (Image folders are sorted by class, so "the first N" would be one or two classes.)"""
-    per_class = [torch.nonzero(torch.as_tensor(labels) == c).flatten() for c in torch.as_tensor(labels).unique()]
-    table = torch.full((len(per_class), max(len(i) for i in per_class)), -1, dtype=torch.long)
-    for c, idx in enumerate(per_class):
-        table[c, : len(idx)] = idx
-    order = table.t().flatten()
-    return order[order >= 0]
-
 def subset_indices(labels, n):
-    """A fixed class-balanced subset of size n (all of them for n=None or n ≥ len)."""
-    if not n or n >= len(labels):
-        return torch.arange(len(labels))
-    return balanced_order(labels)[:n].sort().values
+    """A fixed class-balanced subset of size n (all of them for n=None or n ≥ len): the classes visited round-robin
+    (class 0's first image, class 1's first, ...), the same whatever the seed (image folders are sorted by class, so
+    "the first N" would be one or two classes)."""
+    labels = torch.as_tensor(labels)
+    if not n or n >= len(labels): return torch.arange(len(labels))
+    nth = torch.zeros_like(labels)  # each image's place within its class
+    for c in labels.unique(): nth[labels == c] = torch.arange(int((labels == c).sum()))
+    return torch.argsort(nth * (int(labels.max()) + 1) + labels, stable=True)[:n].sort().values
 
 def list_image_folder(root):
     """(paths, labels, classes) of root/<class>/<image>; non-image files are skipped with a warning."""
-    if not os.path.isdir(root):
-        die(f"{root} does not exist; an image-folder dataset needs {root}/<class>/<image>.png|jpg")
+    if not os.path.isdir(root): die(f"{root} does not exist; an image-folder dataset needs {root}/<class>/<image>.png|jpg")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files = [(os.path.join(root, name, f), c) for c, name in enumerate(classes) for f in sorted(os.listdir(os.path.join(root, name)))]
     paths, labels = [p for p, _ in files if p.lower().endswith(IMAGE_EXTS)], [c for p, c in files if p.lower().endswith(IMAGE_EXTS)]
-    skipped = [p for p, _ in files if not p.lower().endswith(IMAGE_EXTS)]
-    for f in skipped[:5]:
-        warn(f"skipping non-image file {f}")
-    if len(skipped) > 5:
-        warn(f"... and {len(skipped) - 5} more non-image files under {root}")
-    if not paths:
-        die(f"no images found under {root}; expected {root}/<class>/<name>.png or .jpg")
+    if skipped := [p for p, _ in files if not p.lower().endswith(IMAGE_EXTS)]:
+        warn(f"skipping {len(skipped)} non-image file(s) under {root}, e.g. {skipped[0]}")
+    if not paths: die(f"no images found under {root}; expected {root}/<class>/<name>.png or .jpg")
     return paths, torch.tensor(labels), classes
 
 def decode_images(paths, labels):
@@ -662,13 +580,11 @@ def decode_images(paths, labels):
     images, keep = [], []
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as im:
-                images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+            with Image.open(path) as im: images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
             keep.append(i)
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             warn(f"skipping unreadable image {path} ({str(e).splitlines()[0]})")
-    if not images:
-        die(f"none of the {len(paths)} images under {os.path.dirname(os.path.dirname(paths[0]))} could be decoded")
+    if not images: die(f"none of the {len(paths)} images under {os.path.dirname(os.path.dirname(paths[0]))} could be decoded")
     if len(shapes := {tuple(t.shape) for t in images}) > 1:
         die(f"images of different sizes {sorted(shapes)[:2]} under {os.path.dirname(paths[0])}; the CIFAR "
             "reader needs one size (use --dataset imagenet for resized ImageFolder data)")
@@ -679,12 +595,10 @@ def synthetic_data(n_train=2560, n_test=512, num_classes=10, size=32):
     colour pattern, every image that pattern plus noise. Fixed seed: the same data for every run."""
     g = torch.Generator().manual_seed(1234)
     protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=size, mode="bilinear")
-
     def make(n):
         y = torch.arange(n) % num_classes
         x = protos[y] * 0.6 + 0.2 + 0.2 * torch.randn(n, 3, size, size, generator=g)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
-
     return (*make(n_train), *make(n_test), [str(c) for c in range(num_classes)])
 
 def cifar_arrays(args):
@@ -706,14 +620,11 @@ def cifar_arrays(args):
     created = not os.path.exists(root)
     os.makedirs(root, exist_ok=True)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            sets = [cls(root, train=t, download=True) for t in (True, False)]
+        with contextlib.redirect_stdout(sys.stderr): sets = [cls(root, train=t, download=True) for t in (True, False)]
     except Exception as e:  # offline, or a half-downloaded archive
-        if created and not os.listdir(root):  # leave no empty ./data behind
-            os.rmdir(root)
-        die(f"could not read or download {args.dataset} in {root} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            f"offline, give --data-dir a folder holding either torchvision's {folder}/ or "
-            "train/<class>/*.png|jpg and test/<class>/*.png|jpg")
+        if created and not os.listdir(root): os.rmdir(root)  # leave no empty ./data behind
+        die(f"could not read or download {args.dataset} in {root} ({type(e).__name__}: {str(e).splitlines()[0]}); offline, "
+            f"give --data-dir a folder holding torchvision's {folder}/ or train/<class>/*.png|jpg and test/<class>/*.png|jpg")
     xs = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in sets]
     return (*[t[subset_indices(y, n)] for (x, y), n in zip(xs, sizes) for t in (x, y)], sets[0].classes)
 
@@ -726,21 +637,17 @@ def check_classes(train, test, root, test_split):
             "line up: give both splits the same class folders")
 
 def to_float(x_uint8, channels_last=False):
-    x = x_uint8.float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x_uint8.float().div_(255).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 class DeviceData:
     """CIFAR-sized data kept on the training device as uint8, augmented there batch by batch (random crop with 4-pixel
     zero padding, flip): the airbench approach, no workers. The random numbers come from (seed, epoch), drawn for the
     *global* batch: a DDP rank gets exactly what a single process would at that position; a resumed run, the same epoch."""
-
     def __init__(self, x_train, y_train, x_test, y_test, classes, device, channels_last=False):
         self.x_train, self.y_train, self.x_test, self.y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
         self.classes, self.device, self.channels_last, self.image_hw = classes, device, channels_last, tuple(x_train.shape[-2:])
-
     def steps_per_epoch(self, batch_size):
         return len(self.y_train) // batch_size  # drop the last partial batch: equal steps on all ranks
-
     def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
         # The epoch's random numbers are drawn on the CPU in a fixed order (the same on every device and
         # rank), then moved to the device once: the loop itself never copies from the host.
@@ -749,8 +656,7 @@ class DeviceData:
         order = torch.randperm(n, generator=g)[:steps * batch_size].view(steps, batch_size)
         draws = [(torch.randint(0, 9, (2, batch_size), generator=g), torch.rand(batch_size, generator=g) < 0.5)
                  for _ in range(steps)]
-        if not steps:
-            return
+        if not steps: return
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         order = order[:, mine].to(self.device)
         shifts = torch.stack([d[0] for d in draws])[:, :, mine].to(self.device)  # (steps, 2: dy and dx, batch)
@@ -759,7 +665,6 @@ class DeviceData:
             idx = order[s]
             x = self.augment(self.x_train[idx], shifts[s, 0], shifts[s, 1], flips[s])
             yield to_float(x, self.channels_last), self.y_train[idx]
-
     def augment(self, x, dy, dx, flip):
         """Random crop (zero padding 4) and flip as one gather; the offsets and flips are device tensors."""
         b, c, h, w = x.shape
@@ -769,7 +674,6 @@ class DeviceData:
         cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
         return padded[torch.arange(b, device=x.device)[:, None, None, None],
                       torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-
     def test_batches(self, batch_size, n=None, rank=0, world=1):
         idx = subset_indices(self.y_test.cpu(), n).to(self.device)[rank::world]
         for i in range(0, len(idx), batch_size):
@@ -779,15 +683,12 @@ class DeviceData:
 def _safe_pil_loader(path):  # an unreadable file is skipped with a warning, by whichever worker meets it
     from PIL import Image
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        with open(path, "rb") as f: return Image.open(f).convert("RGB")
     except OSError as e:
         warn(f"skipping unreadable image {path} ({e})")
         return None
 
-def _unless_unreadable(transform, image):
-    return None if image is None else transform(image)
-
+def _unless_unreadable(transform, image): return None if image is None else transform(image)
 def _drop_unreadable(batch):  # None when every image of the batch was unreadable: the loops skip it
     batch = [b for b in batch if b[0] is not None]
     return torch.utils.data.default_collate(batch) if batch else None
@@ -795,7 +696,6 @@ def _drop_unreadable(batch):  # None when every image of the batch was unreadabl
 class LoaderData:
     """ImageNet: ImageFolder train/ and val/, standard transforms, a DataLoader with pinned memory and persistent
     workers, and a DistributedSampler (also for one process, for one code path)."""
-
     def __init__(self, args, device, rank, world):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -809,7 +709,6 @@ class LoaderData:
         self.test_loaders, self.image_hw, train_dir = {}, (s, s), os.path.join(self.root, "train")
         if os.path.isdir(train_dir):
             check_classes(sorted(d.name for d in os.scandir(train_dir) if d.is_dir()), self.classes, self.root, "val")
-
     @property
     def train_set(self):  # built on first use: eval, tradeoff and plot need only val/
         if self._train_set is None:
@@ -817,40 +716,32 @@ class LoaderData:
             list_image_folder(os.path.join(self.root, "train"))
             self._train_set = ImageFolder(os.path.join(self.root, "train"), self.train_tf, loader=_safe_pil_loader)
             if self.args.subset:
-                self._train_set = torch.utils.data.Subset(
-                    self._train_set, subset_indices(self._train_set.targets, self.args.subset))
+                self._train_set = torch.utils.data.Subset(self._train_set, subset_indices(self._train_set.targets, self.args.subset))
         return self._train_set
-
     def _loader(self, dataset, batch_size, sampler=None, train=False):  # workers kept from epoch to epoch
         return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=self.args.workers, drop_last=train,
-                                           pin_memory=self.device.type == "cuda", persistent_workers=self.args.workers > 0,
-                                           collate_fn=_drop_unreadable)
-
-    def steps_per_epoch(self, batch_size):
-        return len(self.train_set) // batch_size
-
+            pin_memory=self.device.type == "cuda", persistent_workers=self.args.workers > 0, collate_fn=_drop_unreadable)
+    def steps_per_epoch(self, batch_size): return len(self.train_set) // batch_size
     def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
         if not hasattr(self, "train_loader"):
             sampler = torch.utils.data.DistributedSampler(self.train_set, world, rank, seed=seed, drop_last=True)
             self.train_loader = self._loader(self.train_set, batch_size // world, sampler, train=True)
         self.train_loader.sampler.set_epoch(epoch)
         yield from self._on_device(self.train_loader)
-
     def test_batches(self, batch_size, n=None, rank=0, world=1):
         key = (batch_size, n, rank, world)  # one loader per setting, its workers kept from epoch to epoch
         if key not in self.test_loaders:
             idx = subset_indices(self.test_set.targets, n)[rank::world].tolist()
             self.test_loaders[key] = self._loader(torch.utils.data.Subset(self.test_set, idx), batch_size)
         yield from self._on_device(self.test_loaders[key])
-
     def _on_device(self, loader):
         for x, y in filter(None, loader):  # (None: every image of the batch was unreadable)
             x = x.to(self.device, non_blocking=True)
             yield x.contiguous(memory_format=torch.channels_last) if self.args.channels_last else x, y.to(self.device, non_blocking=True)
 
 def load_data(args, device, rank=0, world=1):
-    if args.dataset == "imagenet":
-        return LoaderData(args, device, rank, world)
+    if args.dataset == "imagenet": return LoaderData(args, device, rank, world)
+    if args.dataset == "synthetic" and args.data_dir: die("--data-dir is not used with the built-in synthetic data; drop it")
     if args.dataset == "synthetic":
         xtr, ytr, xte, yte, classes = synthetic_data()
         itr, ite = subset_indices(ytr, args.subset), subset_indices(yte, args.test_n)
@@ -869,9 +760,8 @@ def setup_device(args):
         torch.set_flush_denormal(True)
     distributed, device = int(os.environ.get("WORLD_SIZE", "1")) > 1, torch.device(want)
     if device.type == "cuda":
-        # A device needs its index: under torchrun the process's own GPU (LOCAL_RANK); for a bare "cuda" the
-        # current one. It becomes the current device before any collective, so that NCCL binds to it and
-        # synchronize() and the memory counters refer to it.
+        # A device needs its index (torchrun: the process's own GPU, LOCAL_RANK; a bare "cuda": the current one), and
+        # becomes current before any collective, so that NCCL, synchronize() and the memory counters use it.
         index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index
         device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(device)
@@ -888,10 +778,8 @@ def setup_device(args):
 def place(net, args, device):
     """The model on `device`, in channels_last memory format and compiled when the flags ask for it."""
     net.to(device)
-    if args.channels_last:
-        net.to(memory_format=torch.channels_last)
-    if args.compile:
-        net.compile()  # compiles forward in place; state_dict keys stay as they are
+    if args.channels_last: net.to(memory_format=torch.channels_last)
+    if args.compile: net.compile()  # compiles forward in place; state_dict keys stay as they are
     return net
 
 def amp_context(args, device):
@@ -902,20 +790,16 @@ def cosine_lr(step, total, base, warmup=0):
     """Cosine schedule (paper §5), per step; derived from the step, so a resumed run needs no state.
     --warmup: first a linear ramp base·(step+1)/warmup over `warmup` steps (as the public AdvProp and
     dual-BN codes do), then the cosine over the remaining steps. warmup=0 is the paper's schedule."""
-    if step < warmup:
-        return base * (step + 1) / warmup
+    if step < warmup: return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 def all_reduce(values, device):
     """Sums of Python numbers over the DDP ranks (a single process has nothing to add)."""
-    if not dist.is_initialized():
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    if not dist.is_initialized(): return [float(v) for v in values]
+    dist.all_reduce(t := torch.tensor(values, dtype=torch.float64, device=device))
     return t.tolist()
 
-def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=contextlib.nullcontext,
-             rank=0, world=1):
+def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=contextlib.nullcontext, rank=0, world=1):
     """Accuracy of `model` with mask u on (a fixed balanced subset n of) the test set, under PGD-`steps`
     at ε (clean for ε=0). Runs in eval mode; across DDP ranks the counts are all-reduced."""
     was_training = model.training
@@ -924,10 +808,8 @@ def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=conte
     correct, total = torch.zeros((), dtype=torch.long, device=data.device), 0  # counted on the device: no wait per batch
     for x, y in data.test_batches(batch_size, n, rank, world):
         if eps > 0:
-            with amp():
-                x = pgd(model, x, y, eps, eps / ALPHA_DIV, steps, check=False)
-        with torch.no_grad(), amp():
-            correct += (model(x).argmax(1) == y).sum()
+            with amp(): x = pgd(model, x, y, eps, eps / ALPHA_DIV, steps, check=False)
+        with torch.no_grad(), amp(): correct += (model(x).argmax(1) == y).sum()
         total += len(y)
     model.train(was_training)
     correct, total = all_reduce([correct.item(), total], data.device)
@@ -935,8 +817,7 @@ def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=conte
 
 FINITE_EVERY = 50  # steps between checks that the loss is finite: each check makes the host wait for the GPU
 
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+def fmt_time(s): return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 def method_kwargs(args):
     """The keywords of method_loss that a train (or finetune-bn) run's arguments fix."""
@@ -961,13 +842,11 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
         loss = train_step(net, step_module, opt, x, y, amp, p_gen, **method)  # p not given: method_loss draws it
         new_bad = ~torch.isfinite(loss) & (first_bad == steps)  # on the device: no wait for the GPU here
         first_bad, bad_loss = torch.where(new_bad, step, first_bad), torch.where(new_bad, loss, bad_loss)
-        if (step + 1) % FINITE_EVERY == 0 or step + 1 == steps:
-            stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world)
+        if (step + 1) % FINITE_EVERY == 0 or step + 1 == steps: stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world)
         loss_sum += loss
         ces, step_hits = getattr(step_module, "module", step_module).last  # DDP keeps BranchLoss as .module
         branch_sum = branch_sum + ces
-        if step_hits is not None:
-            hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
+        if step_hits is not None: hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
         if time.time() - last_print > args.log_every and rank == 0:  # progress inside a long epoch
             last_print, done = time.time(), step + 1
             rate, acc = done * args.batch_size / (time.time() - t0), f"  train_acc {hits.item() / seen:.4f}" if hits is not None else ""
@@ -984,8 +863,7 @@ def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
     """Stop if a step of this epoch had a non-finite loss (checked every FINITE_EVERY steps and at the end of
     the epoch, so before every save). Under DDP every rank stops, not only the one that saw it."""
     flag = first_bad.clone()
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if world > 1: dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if not bool(flag == steps):  # (steps: no step was bad)
         seen = f"{bad_loss.item()} here" if first_bad < steps else "on another rank"
         die(f"the loss became non-finite ({seen}) at epoch {epoch + 1}, step {int(flag) + 1}; training stopped and the "
@@ -994,8 +872,7 @@ def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
 def check_ranks_agree(net, device):
     """Under DDP every rank must hold the same weights; returns the largest difference to rank 0."""
     flat = torch.cat([w.detach().flatten().float() for w in net.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
+    dist.broadcast(ref := flat.clone(), 0)
     return all_reduce([(flat - ref).abs().max().item()], device)[0]
 
 def start_run(args, given, device, rank, world, init_from=None):
@@ -1023,11 +900,9 @@ def start_run(args, given, device, rank, world, init_from=None):
     place(net, args, device)
     params = trainable_parameters(net, args.bn_params)  # §5: SGD, momentum 0.9, weight decay 5e-4, lr 0.1 for θ, W, W'
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd) if params else None
-    if ckpt is None:
-        return data, net, opt, [], 0, what
+    if ckpt is None: return data, net, opt, [], 0, what
     load_state(net, ckpt["model"], args.out, what)
-    if opt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
+    if opt is not None: opt.load_state_dict(ckpt["optimizer"])
     log(f"resuming {args.out} after epoch {ckpt['epoch']}")
     return data, net, opt, ckpt["log"], ckpt["epoch"], what
 
@@ -1038,17 +913,14 @@ def fit(args, given, init_from=None):
         die(f"--batch-size {args.batch_size} is the global batch; it must divide among the {world} processes, "
             "with at least 2 images each (BN training needs 2)")
     run = start_run(args, given, device, rank, world, init_from)
-    if run is None:
-        return
+    if run is None: return
     data, net, opt, history, start, what = run
     args_json = {key: v for key, v in vars(args).items() if key != "check"}
-    if rank == 0:
-        write_json(os.path.join(args.out, "args.json"), args_json)
-    amp = amp_context(args, device)
+    if rank == 0: write_json(os.path.join(args.out, "args.json"), args_json)
+    amp, steps = amp_context(args, device), data.steps_per_epoch(args.batch_size)
     step_module = BranchLoss(net, amp)
     if world > 1 and opt is not None:  # (finetune-bn --params stats trains nothing: no gradients to all-reduce)
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
-    steps = data.steps_per_epoch(args.batch_size)
     if steps == 0:
         die(f"the training set has fewer images ({args.subset or 'all'}) than one batch ({args.batch_size}); lower --batch-size")
     job = f"fine-tuning BN ({args.bn_params}) on {args.finetune_on} images" if args.bn_params else f"training {args.method}"
@@ -1060,8 +932,7 @@ def fit(args, given, init_from=None):
                           n=args.test_n, amp=amp, rank=rank, world=world)
         lr = cosine_lr((epoch + 1) * steps, args.epochs * steps, args.lr, round(args.warmup * steps))
         entry = dict(epoch=epoch + 1, lr=lr, test_acc=acc, **ep)
-        if world > 1:
-            entry["rank_max_abs_diff"] = check_ranks_agree(net, device)
+        if world > 1: entry["rank_max_abs_diff"] = check_ranks_agree(net, device)
         history.append(entry)
         extra = f"  train_acc {ep['train_acc']:.4f}" if "train_acc" in ep else ""
         extra += f"  branches {' '.join(f'{b:.3f}' for b in ep['branch_loss'])}" if "branch_loss" in ep else ""
@@ -1071,12 +942,9 @@ def fit(args, given, init_from=None):
         if bad is not None:  # every rank holds the same weights, so every rank stops here
             die(f"the weights became non-finite ({bad}) in epoch {epoch + 1}; nothing was saved for it"
                 f"{', the last good checkpoint stays' if start or epoch else ''}. Lower --lr (or check the data) and start again")
-        if rank == 0:
-            save_run(args.out, net, opt, args_json, epoch + 1, history, complete=epoch + 1 == args.epochs)
-    if args.epochs == start == 0 and rank == 0:
-        save_run(args.out, net, opt, args_json, 0, history, complete=True)
-    if world > 1:  # nobody tears down the process group while rank 0 is still writing its checkpoint
-        dist.barrier()
+        if rank == 0: save_run(args.out, net, opt, args_json, epoch + 1, history, complete=epoch + 1 == args.epochs)
+    if args.epochs == start == 0 and rank == 0: save_run(args.out, net, opt, args_json, 0, history, complete=True)
+    if world > 1: dist.barrier()  # nobody tears down the process group while rank 0 is still writing its checkpoint
 
 def cmd_train(args, given):
     args.num_classes = args.classes = args.bn_params = args.finetune_on = None  # set by the data, and by finetune-bn
@@ -1085,8 +953,6 @@ def cmd_train(args, given):
 def cmd_finetune_bn(args, given):
     """§3.1 / Table 1: fine-tune only BN of a trained k=1 model, on clean images or on PGD examples."""
     stored = dict(read_checkpoint(args.ckpt)["args"])
-    if args.data_dir and stored["dataset"] == "synthetic":
-        die(f"--data-dir is not used: {args.ckpt} was trained on the built-in synthetic data; drop it")
     if stored["k"] != 1:
         die(f"finetune-bn works on single-BN (k=1) checkpoints such as bn or adv runs; {args.ckpt} has k={stored['k']}")
     stored.update({key: v for key, v in vars(args).items() if key != "ckpt" and (v is not None or key not in stored)})
@@ -1095,24 +961,19 @@ def cmd_finetune_bn(args, given):
     run_training(argparse.Namespace(**stored), given, init_from=None if resuming else args.ckpt)
 
 # ---- 5.4 Evaluation: PGD-100 and AutoAttack, under a chosen mask ---------------------------------
-# Which mask to evaluate with (--mask): `clean` is u(0), the deployable setting (the defender
-# cannot know ε at test time); `matched` is u(ε/ε_max) per row, which assumes the defender knows
-# ε: it is how the robustness tables compare methods (AdvProp: main BN at ε=0, auxiliary BN
-# otherwise); a number P is a fixed u(P).
+# Which mask to evaluate with (--mask): `clean` is u(0), the deployable setting (the defender cannot know ε at test
+# time); `matched` is u(ε/ε_max) per row, which assumes the defender knows ε: it is how the robustness tables compare
+# methods (AdvProp: main BN at ε=0, auxiliary BN otherwise); a number P is a fixed u(P).
 def row_mask(stored, mask, eps):
     """(u, the strength u stands for): --recalibrate measures at that strength (clean → 0, matched → ε)."""
-    if mask == "clean":
-        return mask_for(stored["method"], 0.0, stored["k"]), 0.0
+    if mask == "clean": return mask_for(stored["method"], 0.0, stored["k"]), 0.0
     if mask == "matched":
         return mask_for(stored["method"], eps / stored["eps_max"] if stored["eps_max"] else 0.0, stored["k"]), eps
     return encode(float(mask), stored["k"]), float(mask) * stored["eps_max"]
 
 def eval_data(args, stored, device):
     """The test data that a checkpoint was trained on (or in --data-dir instead)."""
-    if stored["dataset"] == "synthetic" and getattr(args, "data_dir", None):
-        die("--data-dir is not used: the checkpoint was trained on the built-in synthetic data; drop it")
-    # the test split, and N training images for --recalibrate N (subset=1 keeps an image-folder reader
-    # from decoding the rest of the training set)
+    # the test split, and N training images for --recalibrate N (subset=1: an image-folder reader decodes no more)
     a = argparse.Namespace(**dict(stored, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"), test_n=None,
                                   subset=getattr(args, "recalibrate", None) or 1, channels_last=False,
                                   workers=getattr(args, "workers", 4), image_size=stored.get("image_size", 224)))
@@ -1122,22 +983,19 @@ def eval_data(args, stored, device):
             f"{a.data_dir or a.dataset} (names or number differ); pass the --data-dir it was trained on")
     return data
 
-# Precise BN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the running averages are an
-# estimate made while the weights were still moving, and under --bn-stats mixed a biased one (see
-# MaskedBatchNorm2d). --recalibrate N measures, at the evaluated mask u, the population mean and
-# unbiased variance of every BN layer's input over N training images, in train-mode forwards: clean
-# images for a mask that stands for ε=0, PGD examples at the mask's ε otherwise (the inputs it saw in
-# training). The result is a copy with one set of statistics per layer; the checkpoint is untouched.
+# Precise BN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the running averages were estimated while the
+# weights still moved, and under --bn-stats mixed with a bias (see MaskedBatchNorm2d). --recalibrate N measures, at the
+# evaluated mask u, each BN input's population mean and unbiased variance over N training images in train-mode forwards:
+# clean images for a mask that stands for ε=0, else PGD examples at its ε (the inputs it saw in training). The result
+# is a copy with one set of statistics per layer; the checkpoint is untouched.
 def recalibrate(model, batches, u, eps=0.0, steps=ATTACK_STEPS):
     model = copy.deepcopy(model)
     layers = masked_layers(model)
     moments = {m: torch.zeros(3, m.num_features, dtype=torch.float64, device=m.W.device) for m in layers}
-
     def measure(m, inputs):  # count, Σx and Σx² per channel, in float64
         x = inputs[0].detach().double()
         moments[m] += torch.stack([torch.full_like(x[0, :, 0, 0], x.numel() / x.shape[1]), x.sum((0, 2, 3)),
                                    x.pow(2).sum((0, 2, 3))])
-
     for x, y in batches:
         if eps > 0:  # attack the model as loaded, in eval mode with mask u
             model.eval()
@@ -1147,16 +1005,13 @@ def recalibrate(model, batches, u, eps=0.0, steps=ATTACK_STEPS):
         model.train()
         set_mask(model, u, adversarial=eps > 0)
         with torch.no_grad(), attack_bn_mode(model, "train"):  # batch statistics, running ones untouched
-            try:
-                model(x)
+            try: model(x)
             except ValueError as e:  # "Expected more than 1 value per channel": a batch of 1 on 1x1 maps
                 die(f"--recalibrate cannot measure BN statistics here ({str(e).splitlines()[0][:80]}); give it more "
                     "training images (at least 2 per batch)")
-        for h in hooks:
-            h.remove()
+        for h in hooks: h.remove()
     for m, (n, s1, s2) in moments.items():
-        if not n[0] >= 2:
-            die("--recalibrate needs at least 2 values per channel; give it more training images")
+        if not n[0] >= 2: die("--recalibrate needs at least 2 values per channel; give it more training images")
         mean = s1 / n
         m.running_mean = mean.float()[None]  # one set of statistics, whatever u: the layer reads it as `shared`
         m.running_var = ((s2 - s1 * mean) / (n - 1)).float()[None]
@@ -1166,13 +1021,11 @@ def recalibrate(model, batches, u, eps=0.0, steps=ATTACK_STEPS):
 def recalibrated(model, stored, args, data, cache, u, eps_r):
     """The model to measure at mask u: itself, or (--recalibrate N) its recalibrated copy, cached per (u, ε)."""
     key, t0 = (tuple(u.tolist()), eps_r), time.time()
-    if not args.recalibrate:
-        return model
+    if not args.recalibrate: return model
     if key not in cache:
-        b = math.ceil(args.recalibrate / math.ceil(args.recalibrate / args.batch_size))  # equal batches, ≤ N in all
+        have = data.steps_per_epoch(1)  # the training set's size
+        b = min(math.ceil(args.recalibrate / math.ceil(args.recalibrate / args.batch_size)), have)  # equal batches, ≤ N
         if data.steps_per_epoch(b) * b < args.recalibrate:  # say (and record) how many images there really were
-            have = data.steps_per_epoch(1)  # the training set's size
-            b = min(b, have)
             warn(f"--recalibrate {args.recalibrate}: the training set has only {have} images; recalibrating on "
                  f"{data.steps_per_epoch(b) * b} of them")
             args.recalibrate = data.steps_per_epoch(b) * b
@@ -1183,12 +1036,10 @@ def recalibrated(model, stored, args, data, cache, u, eps_r):
 
 class FixedMask(nn.Module):
     """x in [0,1] -> logits, always with the mask u: what an attack library (AutoAttack) needs."""
-
     def __init__(self, model, u):
         super().__init__()
         self.model = model
         self.register_buffer("u", torch.as_tensor(u, dtype=torch.float32, device=masked_layers(model)[0].W.device))
-
     def forward(self, x):
         set_mask(self.model, self.u)
         return self.model(x)
@@ -1201,7 +1052,6 @@ def autoattack_accuracy(model, data, u, eps, args, device):
     """Robust accuracy under AutoAttack (pyautoattack) with the mask fixed to u."""
     import logging
     from pyautoattack import AutoAttack
-
     logger = logging.getLogger("auto-attack")  # it reports progress at DEBUG level: show it
     if not logger.handlers:
         logger.addHandler(logging.StreamHandler(sys.stdout))
@@ -1235,12 +1085,10 @@ def cmd_eval(args):
                          mask=args.mask, u=u.tolist(), accuracy=acc, n=n, recalibrate=args.recalibrate))
         log(f"{args.attack:10s} eps {eps * 255:5.2f}/255  mask {args.mask:7s} u={[round(v, 3) for v in u.tolist()]}  "
             f"accuracy {acc:.4f}  (n={n}, {time.time() - t0:.1f}s)")
+    aa = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
     result = dict(checkpoint=args.ckpt, method=stored["method"], rows=rows, amp=args.amp, run_id=stored["run_id"],
-                  run_epoch=stored["run_epoch"])
-    if args.attack == "autoattack":
-        result["aa"] = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
-    if args.out:
-        write_json(args.out, result)
+                  run_epoch=stored["run_epoch"], **(dict(aa=aa) if args.attack == "autoattack" else {}))
+    if args.out: write_json(args.out, result)
     return result
 
 # §3.2's slider from two checkpoints: their BN layers become the two bases of one k=2 model.
@@ -1333,8 +1181,7 @@ def _timed(device, fn, reps=1):
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     sync()
     t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
+    for _ in range(reps): fn()
     sync()
     return time.perf_counter() - t0
 
@@ -1345,18 +1192,12 @@ def piece_flops(net, x, y, amp=contextlib.nullcontext):
     from torch.utils.flop_counter import FlopCounterMode
     def count(fn):
         counter = FlopCounterMode(display=False)
-        with counter, amp():
-            fn()
+        with counter, amp(): fn()
         return counter.get_total_flops()
-
     train = count(lambda: F.cross_entropy(net(x).float(), y).backward())
-    weights = [w for w in net.parameters() if w.requires_grad]
-    for w in weights:
-        w.requires_grad_(False)
+    net.requires_grad_(False)  # (the models bench and cost build train every parameter)
     attack = count(lambda: F.cross_entropy(net(x.clone().requires_grad_(True)).float(), y).backward())
-    for w in weights:
-        w.requires_grad_(True)
-    net.zero_grad(set_to_none=True)
+    net.requires_grad_(True).zero_grad(set_to_none=True)
     return train, attack
 
 def method_flops(method, train, attack, attack_steps=ATTACK_STEPS, k=None, adv_only=False):
@@ -1371,15 +1212,12 @@ def matmul_rate(device, amp, n=2048):
     return 2 * n**3 * 10 / _timed(device, lambda: F.conv2d(a, a.view(n, n, 1, 1)), 10)
 
 def peak_memory_mb(step, batch, cuda):
-    """CUDA's peak memory over two steps, with no other case's model, gradients or state alive (None on a CPU,
-    which has no such counter)."""
+    """CUDA's peak memory over two steps, no other case's model, gradients or state alive (None on a CPU: no counter)."""
     gc.collect()
-    if not cuda:
-        return None
+    if not cuda: return None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        step(*batch, 0.5)
+    for _ in range(2): step(*batch, 0.5)
     return torch.cuda.max_memory_allocated() / 2**20
 
 BENCHED = ("bn", "adv", "advprop", "robmask")
@@ -1391,25 +1229,15 @@ def cmd_bench(args):
     device, _, _ = setup_device(args)
     amp, cuda, n = amp_context(args, device), device.type == "cuda", max(8 * args.batch_size, 1024)
     torch.manual_seed(0)  # (the synthetic batches below: the same on every call)
-    data = DeviceData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10,
-                      torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), list(range(10)),
-                      device, args.channels_last)
+    data = DeviceData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10, torch.zeros(
+        1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), list(range(10)), device, args.channels_last)
     batches = [b for _, b in zip(range(4), data.train_batches(0, args.batch_size, 0))]
-
-    def training_step(method, freeze_params=True):  # a full training step of `method`
+    def training_step(method):  # a full training step of `method`
         net = place(build_model(args.arch, 10, method_k(method), args.width), args, device)
         opt, loss_module = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), BranchLoss(net, amp)
-        return lambda x, y, p: train_step(net, loss_module, opt, x, y, amp, method=method, p=p, freeze_params=freeze_params)
-
-    def fwd_bwd(net):  # forward+backward alone: the masked layer (k=2, u(0.5)) against plain BatchNorm2d
-        net = place(net, args, device)
-        return lambda x, y, p: (F.cross_entropy(net(x).float(), y).backward(), net.zero_grad(set_to_none=True))
-
+        return lambda x, y, p: train_step(net, loss_module, opt, x, y, amp, method=method, p=p)
     peak = {m: peak_memory_mb(training_step(m), batches[0], cuda) for m in BENCHED}  # each method alone
-    set_mask(masked := build_model(args.arch, 10, 2, args.width), encode(0.5, 2))
     cases = {m: training_step(m) for m in BENCHED}
-    cases.update(adv_unfrozen=training_step("adv", freeze_params=False),  # the common implementation of the attack
-                 fwdbwd_masked=fwd_bwd(masked), fwdbwd_plain=fwd_bwd(plain_model(args.arch, 10, args.width)))
     times, gen = {name: [] for name in cases}, torch.Generator().manual_seed(0)
     log(f"bench: {args.arch} width {args.width}, batch {args.batch_size}, {args.steps} timed steps "
         f"(+{args.warmup} warm-up) per case, round-robin, on {device}")
@@ -1418,8 +1246,7 @@ def cmd_bench(args):
             x, y = batches[r % len(batches)]
             p = torch.rand((), generator=gen).item()
             seconds = _timed(device, lambda: step(x, y, p))
-            if r >= args.warmup:
-                times[name].append(seconds)
+            if r >= args.warmup: times[name].append(seconds)
     med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     pipeline = data.steps_per_epoch(args.batch_size) * args.batch_size / _timed(  # the data pipeline alone
         device, lambda: [None for _ in data.train_batches(1, args.batch_size, 0)])
@@ -1428,9 +1255,7 @@ def cmd_bench(args):
     result = dict(device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
                   amp=bool(args.amp), channels_last=bool(args.channels_last), compile=bool(args.compile),
                   threads=torch.get_num_threads(), step_seconds=med, img_per_s={m: args.batch_size / med[m] for m in BENCHED},
-                  ratios=dict(robmask_over_advprop=med["robmask"] / med["advprop"],
-                              masked_over_plain=med["fwdbwd_masked"] / med["fwdbwd_plain"],
-                              frozen_attack_over_unfrozen=med["adv"] / med["adv_unfrozen"],
+                  ratios=dict(robmask_over_advprop=med["robmask"] / med["advprop"],  # §5's Timing: 890 s / 870 s
                               pipeline_over_train=pipeline / (args.batch_size / med["bn"])),
                   pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=rate,
                   mfu={m: flops[m] / med[m] / rate for m in BENCHED}, peak_memory_mb=peak)
@@ -1439,10 +1264,8 @@ def cmd_bench(args):
         log(f"{m:10s} {med[m]:8.4f} {result['img_per_s'][m]:8.1f} {flops[m] / 1e9:11.2f} {result['mfu'][m]:6.1%} "
             f"{f'{peak[m]:.0f}' if cuda else '-':>8s}")
     log(f"dense matmul {rate / 1e9:.1f} GFLOP/s; data pipeline {pipeline:.0f} img/s")
-    for key, v in result["ratios"].items():
-        log(f"{key:28s} {v:.3f}")
-    if args.out:
-        write_json(args.out, result)
+    for key, v in result["ratios"].items(): log(f"{key:28s} {v:.3f}")
+    if args.out: write_json(args.out, result)
     return result
 
 # ---- cost: what run_all.sh's stages would take at full scale, from counted FLOPs ---------------------------------
@@ -1486,14 +1309,11 @@ def cmd_cost(args):
             continue  # (a run that several stages need is counted once, in the first)
         seen.add(line)
         a = make_parser().parse_args(argv)
-        if a.command == "train":
-            validate(a)
+        if a.command == "train": validate(a)
         # the run a command reads: the train command (earlier in the output) that wrote its checkpoint
         r = a if a.command == "train" else runs.get(os.path.normpath(os.path.dirname(a.ckpt)))
-        if r is None:
-            continue
-        if a.command in ("train", "finetune-bn"):
-            runs[os.path.normpath(a.out)] = r
+        if r is None: continue
+        if a.command in ("train", "finetune-bn"): runs[os.path.normpath(a.out)] = r
         t, (flops, loader) = totals[stage], command_flops(a, r, pieces)
         t[0], t[1], t[2] = t[0] + flops, t[1] + loader, t[2] + 1
     log(f"Estimated cost at this scale, from counted FLOPs, on {COST_DEVICE[0]} (eval: PGD as counted, AutoAttack as "
@@ -1505,8 +1325,7 @@ def cmd_cost(args):
     return totals
 
 # ---- 5.6 Figures (matplotlib, imported only here) -------------------------------------------------
-FIG_DPI = 100
-FIG_SIZES = {"bn-params": (12, 3), "feature-maps": (12, 6), "curves": (6, 4), "tradeoff": (6, 4)}
+FIG_DPI, FIG_SIZES = 100, {"bn-params": (12, 3), "feature-maps": (12, 6), "curves": (6, 4), "tradeoff": (6, 4)}
 
 def bn_tensors(model, layer):
     """(running mean, running var, γ, β) of the layer-th masked BN layer (1-based), clean basis u(0)."""
@@ -1526,21 +1345,18 @@ def plot_bn_params(args, fig):
             ax.plot(t.numpy(), color=color, lw=1, label=os.path.basename(os.path.dirname(os.path.abspath(path))))
             ax.set(title=name, xlabel="channel")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
 
 def first_bn_relu(model, x):
     """Activations after the first BN + ReLU (where §3.1 looks), for one image."""
     out = {}
     hook = masked_layers(model)[0].register_forward_hook(lambda m, i, o: out.setdefault("a", F.relu(o)))
-    with torch.no_grad():
-        model(x)
+    with torch.no_grad(): model(x)
     hook.remove()
     return out["a"][0]
 
 def plot_feature_maps(args, fig):
-    """Figure 4: the channels after the first BN+ReLU of two models, side by side; red boxes mark
-    channels blocked (all zero) in one model but not the other, green boxes channels magnified
-    (mean activation more than 2x the other model's)."""
+    """Figure 4: the channels after the first BN+ReLU of two models, side by side; red boxes mark channels blocked (all
+    zero) in one model but not the other, green boxes channels magnified (mean activation over 2x the other model's)."""
     from matplotlib.patches import Rectangle
     models = [load_checkpoint(p) for p in (args.ckpt_a, args.ckpt_b)]
     if any(models[0][1][key] != models[1][1][key] for key in ("arch", "width", "dataset")):
@@ -1548,8 +1364,7 @@ def plot_feature_maps(args, fig):
             "channel i of the other: compare a model with its finetune-bn copy")
     data = eval_data(args, models[0][1], torch.device("cpu"))
     x = next(itertools.islice(data.test_batches(1), args.image, None), (None,))[0]  # image I, one at a time
-    if x is None:
-        die(f"--image {args.image} is out of range: the test set has fewer images")
+    if x is None: die(f"--image {args.image} is out of range: the test set has fewer images")
     acts = [first_bn_relu(fixed_mask(m, 0.0), x) for m, _ in models]
     (c, h, w), means = acts[0].shape, [a.mean((1, 2)) for a in acts]
     side = math.ceil(math.sqrt(c))
@@ -1570,11 +1385,9 @@ def plot_feature_maps(args, fig):
 def read_log(run_dir):
     """The epochs of a run's log.jsonl: a list of dicts with a numeric epoch and test_acc."""
     path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(path):
-        die(f"{run_dir} has no log.jsonl; pass run directories written by `robmask.py train`")
+    if not os.path.isfile(path): die(f"{run_dir} has no log.jsonl; pass run directories written by `robmask.py train`")
     rows = read_json(path, lines=True)
-    if not rows:
-        die(f"{path} has no epochs yet (an --epochs 0 run, or one stopped in its first epoch)")
+    if not rows: die(f"{path} has no epochs yet (an --epochs 0 run, or one stopped in its first epoch)")
     if not all(isinstance(r, dict) and all(isinstance(r.get(key), (int, float)) for key in ("epoch", "test_acc"))
                for r in rows):
         die(f"{path} is not a robmask training log (each line needs epoch and test_acc)")
@@ -1595,34 +1408,26 @@ def plot_curves(args, fig):
             ax.plot(epochs, mean("train_acc"), linestyle="--", color=line.get_color())  # the gap: the overfitting
     ax.set(xlabel="epoch", ylabel="clean accuracy (%): test solid, training dashed")
     ax.legend(fontsize=7)
-    fig.tight_layout()
 
 def plot_tradeoff(args, fig):
     """Clean against robust accuracy along p, one line per tradeoff JSON."""
     ax = fig.subplots()
     for path in args.files:
-        rows = read_json(path)
-        rows = rows.get("rows") if isinstance(rows, dict) else None
+        rows = res.get("rows") if isinstance(res := read_json(path), dict) else None
         if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(key), (int, float)) for key in
                                                             ("p", "clean", "robust")) for r in rows):
             die(f"{path} is not a `robmask.py tradeoff` result (it needs rows of p, clean, robust)")
-        ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o",
-                label=os.path.basename(path))
-        for r in rows:
-            ax.annotate(f"{r['p']:.1f}", (100 * r["clean"], 100 * r["robust"]), fontsize=6)
+        ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o", label=os.path.basename(path))
+        for r in rows: ax.annotate(f"{r['p']:.1f}", (100 * r["clean"], 100 * r["robust"]), fontsize=6)
     ax.set(xlabel="clean accuracy (%)", ylabel="PGD accuracy (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
 
-PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves": plot_curves,
-         "tradeoff": plot_tradeoff}
+PLOTS = {"bn-params": plot_bn_params, "feature-maps": plot_feature_maps, "curves": plot_curves, "tradeoff": plot_tradeoff}
 
 def cmd_plot(args):
     args.out = check_out(args.out, "png", args.force)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=FIG_SIZES[args.kind])
+    from matplotlib.figure import Figure  # no pyplot and no GUI backend: the figure is only saved
+    fig = Figure(figsize=FIG_SIZES[args.kind], layout=None if args.kind == "feature-maps" else "tight")
     PLOTS[args.kind](args, fig)
     atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
     log(f"wrote {args.out}")
@@ -1632,36 +1437,31 @@ def cmd_plot(args):
 # fine-tuned copies add -ft-<on>-<params>. Evaluations sit beside the checkpoints as eval-*.json.
 # Every claim line restates the paper's text (its tables lost their numbers) in our own words.
 CLAIMS = {
-    1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness "
-       "from BN tuned on PGD examples, an adversarial one regains clean accuracy (and loses robustness) "
-       "from BN tuned on clean data; tuning γ does it, the running statistics barely change.",
+    1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness from BN tuned on PGD "
+       "examples, an adversarial one regains clean accuracy (and loses robustness) from BN tuned on clean data; tuning "
+       "γ does it, the running statistics barely change.",
     2: "Mixing two BN maskings as (1-p)(γ,β) + p(γ',β') gives a smooth family of trade-offs from one stored model.",
-    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, with "
-       "similar gains on CIFAR-100; RobMask at 20 epochs is comparable to BN at 100.",
+    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, with similar gains on "
+       "CIFAR-100; RobMask at 20 epochs is comparable to BN at 100.",
     4: "On ImageNet ResNet-18, AdvProp barely helps while RobMask adds about 0.4 points.",
-    5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is "
-       "slightly worse at 8/255, the strength those two were trained on.",
-    6: "AutoAttack tells the same story as PGD; with ε_max = 10/255 RobMask trades a little clean "
-       "accuracy for better robustness at ε ≥ 6/255.",
+    5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is slightly worse at "
+       "8/255, the strength those two were trained on.",
+    6: "AutoAttack tells the same story as PGD; with ε_max = 10/255 RobMask trades a little clean accuracy for better "
+       "robustness at ε ≥ 6/255.",
     7: "AdvProp with a random strength gets worse, extra auxiliary BNs help a little, and RobMask beats all of them.",
-    8: "RobMask's gains hold over three random seeds.",
-}
+    8: "RobMask's gains hold over three random seeds."}
 
 class Runs:
     """A runs folder written by run_all.sh, read defensively: a missing or malformed file makes a "not run" cell."""
-
     def __init__(self, root):
         self.root, self.notes = root, []  # notes: runs whose numbers are not final (partial) or not theirs (stale)
-
     def json(self, path, lines=False):
         """A file under the runs folder, or None when it is missing; an unreadable one is None with a warning."""
         path = os.path.join(self.root, path)
-        try:
-            return read_json(path, lines) if os.path.isfile(path) else None
+        try: return read_json(path, lines) if os.path.isfile(path) else None
         except UserError as e:
             warn(f"{e}: its cells show as not run")
             return None
-
     def rows(self, path, keys):
         """The rows of a result file that carry numeric `keys` (malformed ones are skipped, with a warning)."""
         res = self.json(path, lines=path.endswith(".jsonl"))
@@ -1674,25 +1474,18 @@ class Runs:
         if res is not None and len(good) < len(rows or [1]):
             warn(f"{os.path.join(self.root, path)} has rows without {', '.join(keys)}: skipped")
         return good
-
     def seeds(self, name):
         """Run directories name-s0, name-s1, ... that hold a log."""
         pat = re.compile(re.escape(name) + r"-s\d+$")
         return sorted(os.path.join(self.root, d) for d in os.listdir(self.root)
                       if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
-
-    def log(self, d):
-        return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
-
+    def log(self, d): return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
     def args(self, d):
-        a = self.json(os.path.join(os.path.basename(d), "args.json"))
-        return a if isinstance(a, dict) else {}
-
+        return a if isinstance(a := self.json(os.path.join(os.path.basename(d), "args.json")), dict) else {}
     def unfinished(self, d):
         """'partial: E/N ep' for a run that stopped before its last epoch, else None."""
         n, want = len(self.log(d)), self.args(d).get("epochs")
         return f"partial: {n}/{want} ep" if isinstance(want, int) and n < want else None
-
     def counts(self, d, file=None):
         """Whether run d's numbers (its log, or its evaluation `file`) count; notes a partial run and leaves out an
         evaluation of weights that the run no longer holds (retrained since: another run_id)."""
@@ -1702,43 +1495,32 @@ class Runs:
                 res["run_id"] != run_id(self.args(d), rows):
             self.notes.append(f"{os.path.basename(d)}/{file}: stale (the run was retrained after it), left out")
             return False
-        if self.unfinished(d):
-            self.notes.append(f"{os.path.basename(d)}: {self.unfinished(d)}")
+        if self.unfinished(d): self.notes.append(f"{os.path.basename(d)}: {self.unfinished(d)}")
         return True
-
     def cell(self, values, name=None):
         values = [v for v in values if v is not None]
         flag = " (partial)" if name and any(self.unfinished(d) for d in self.seeds(name)) else ""
-        if not values:
-            return "not run"
+        if not values: return "not run"
         mean = sum(values) / len(values)
-        if len(values) == 1:
-            return f"{100 * mean:.2f}{flag}"
+        if len(values) == 1: return f"{100 * mean:.2f}{flag}"
         std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
         return f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(values)}){flag}"
-
     def per_seed(self, name, file, eps):
         """{seed: accuracy at ε} from the eval JSON `file` of every seed of run `name` (stale ones left out)."""
         return {int(d.rsplit("-s", 1)[1]): r["accuracy"] for d in self.seeds(name) if self.counts(d, file)
                 for r in self.rows(os.path.join(os.path.basename(d), file), ("eps", "accuracy")) if abs(r["eps"] - eps) < 1e-9}
-
     def value(self, cell):
         """A table cell from its spec: text as it is, ("final", run): the last epoch's test accuracy, or
         ("eval", run, file, ε): the evaluation's accuracy at ε; mean ± std over the run's seeds."""
-        if isinstance(cell, str):
-            return cell
-        if cell[0] == "eval":
-            return self.cell(list(self.per_seed(*cell[1:]).values()), cell[1])
+        if isinstance(cell, str): return cell
+        if cell[0] == "eval": return self.cell(list(self.per_seed(*cell[1:]).values()), cell[1])
         logs = [self.log(d) for d in self.seeds(cell[1]) if self.counts(d)]
         return self.cell([log[-1]["test_acc"] for log in logs if log], cell[1])
-
     def attack(self, file, default):
         """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
         for d in sorted(os.listdir(self.root)):
-            rows = self.rows(os.path.join(d, file), ("eps", "accuracy"))
-            if rows:
-                res = self.json(os.path.join(d, file))
-                aa = res.get("aa", "?") if isinstance(res, dict) else "?"
+            if rows := self.rows(os.path.join(d, file), ("eps", "accuracy")):
+                aa = res.get("aa", "?") if isinstance(res := self.json(os.path.join(d, file)), dict) else "?"
                 return f"PGD-{rows[-1].get('steps')}" if rows[-1].get("attack") == "pgd" else f"AutoAttack ({aa})"
         return default
 
@@ -1790,15 +1572,12 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  
 def verdict(d):
     """Issue 16's pre-written rule on paired differences d (points): mean, 95% t-interval, and the reading."""
     n = len(d)
-    if n < 2:
-        return f"{d[0]:+.2f}" if d else "not run", "", "needs 2 seeds or more"
+    if n < 2: return f"{d[0]:+.2f}" if d else "not run", "", "needs 2 seeds or more"
     mean, t = sum(d) / n, lambda m: T975[m - 2] if m <= 11 else 1.96  # noqa: E731
     sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
     lo, hi = mean - t(n) * sd / n ** 0.5, mean + t(n) * sd / n ** 0.5
-    if mean >= 1 and lo > 0:
-        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
-    if mean <= 0 and hi < 0.5:
-        return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
+    if mean >= 1 and lo > 0: return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
+    if mean <= 0 and hi < 0.5: return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
     more = next((m for m in range(n + 1, 101) if t(m) * sd / m ** 0.5 < abs(mean)), None)
     return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", (
         f"undecided: about {more} seeds would exclude 0" if more else "undecided at any number of seeds near this mean")
@@ -1827,8 +1606,7 @@ def regime_section(R, out):
     """The overfitting-regime study of run_all.sh's `regime` stage: per arm, mean ± std and paired differences."""
     found = [re.match(r"cifar10-preactresnet18-regime-bn-e(\d+)-s\d+$", d) for d in sorted(os.listdir(R.root))]
     big_e = next((int(m.group(1)) for m in found if m), None)
-    if big_e is None:
-        return
+    if big_e is None: return
     name = "cifar10-preactresnet18-regime-{}".format
     out += ["## Study: where BN overfits (run_all.sh stage `regime`)", "", f"*Question:* does RobMask beat BN and "
             f"AdvProp in clean accuracy where BN fits its training set? E = {big_e} epochs; paired over seeds.", ""]
@@ -1863,43 +1641,35 @@ def cmd_report(args):
             table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
     stats_section(R, out)
     regime_section(R, out)
-    figs = [(f, os.path.join("figures", f)) for f in ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png",
-                                                      "table2-tradeoff.png", "stats-curves.png", "regime-curves.png")]
+    figs = ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png", "table2-tradeoff.png", "stats-curves.png",
+            "regime-curves.png")
     if R.notes:  # what is not final, said once per run
         out += ["## Not final", "", "Cells marked (partial) include runs that stopped before their last epoch; stale "
                 "evaluations were left out:", ""] + [f"- {n}" for n in dict.fromkeys(R.notes)] + [""]
-    out += ["## Figures", ""] + [f"- [{f}]({p})" if os.path.isfile(os.path.join(args.runs, p)) else f"- {f}: not run"
-                                 for f, p in figs]
+    out += ["## Figures", ""] + [f"- [{f}](figures/{f})" if os.path.isfile(os.path.join(args.runs, "figures", f))
+                                 else f"- {f}: not run" for f in figs]
     atomic_write(path, lambda f: f.write(("\n".join(out) + "\n").encode()))
     log(f"wrote {path}")
 
-# =============================================================================================
-# Plumbing: checkpoint files, run folders, the command line. A reader may skip to the end: nothing below is
-# in the paper. It makes bad input one line, never a traceback, and makes an interrupted run lose nothing.
-# =============================================================================================
+# ==== Plumbing: checkpoint files, run folders, the command line. A reader may skip to the end =======================
+# Nothing below is in the paper. It makes bad input one line, never a traceback, and an interrupted run lose nothing.
 # ---- Files: every file robmask writes is checked first, written atomically, and read back with one-line errors
 def head(path, n=None):
     """The first n bytes of a file (all for n=None), or b"" when it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            return f.read(n)
-    except OSError:
-        return b""
+        with open(path, "rb") as f: return f.read(n)
+    except OSError: return b""
 
 def json_keys(path):
     """The top-level keys of a JSON object file (empty for anything else): how a writer knows its own files."""
-    try:
-        obj = json.loads(head(path) or b"0")
-    except ValueError:
-        return set()
+    try: obj = json.loads(head(path) or b"0")
+    except ValueError: return set()
     return set(obj) if isinstance(obj, dict) else set()
 
 def own_export(path):
     """An earlier export: a robmask checkpoint that says so, or a torchvision state_dict with its own sidecar."""
-    try:
-        ckpt = {} if {"arch", "u", "source"} <= json_keys(path + ".json") else torch.load(path, "cpu", weights_only=True)
-    except Exception:
-        return False
+    try: ckpt = {} if {"arch", "u", "source"} <= json_keys(path + ".json") else torch.load(path, "cpu", weights_only=True)
+    except Exception: return False
     return ckpt == {} or isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and "exported_from" in (ckpt.get("args") or {})
 
 # What each writer recognises as a file it wrote itself, and may replace without --force
@@ -1908,10 +1678,9 @@ OWN = {"results": lambda p: bool({"rows", "step_seconds"} & json_keys(p)),  # ev
        "png": lambda p: head(p, 8) == b"\x89PNG\r\n\x1a\n", "report": lambda p: head(p, 10) == b"# Results\n"}
 
 def check_out(path, kind, force=False, flag="--out"):
-    """Every file robmask writes passes here first, before any expensive work. A path ending in / names a
-    folder. A writer replaces only a regular file that it recognises as its own kind (OWN[kind]), or any
-    regular file with --force; never a folder, a device, pipe or link. Creates a missing folder and proves
-    it writable."""
+    """Every file robmask writes passes here first, before any expensive work. A path ending in / names a folder. A
+    writer replaces only a regular file that it recognises as its own kind (OWN[kind]), or any regular file with
+    --force; never a folder, a device, pipe or link. Creates a missing folder and proves it writable."""
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         die(f"{flag} {path} names a folder; give a file name (inside it, or beside it)")
     path = os.path.abspath(path)
@@ -1925,8 +1694,7 @@ def check_out(path, kind, force=False, flag="--out"):
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tempfile.TemporaryFile(dir=os.path.dirname(path)).close()  # can we create a file there?
-    except OSError as e:
-        die(f"cannot write {flag} {path}: {e.strerror or e}")
+    except OSError as e: die(f"cannot write {flag} {path}: {e.strerror or e}")
     return path
 
 def atomic_write(path, write):
@@ -1947,26 +1715,20 @@ def atomic_write(path, write):
         die(f"could not write {path}: {getattr(e, 'strerror', None) or str(e).splitlines()[0][:160]}; the previous "
             "version, if any, is intact")
     finally:
-        if fd is not None:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if fd is not None: os.close(fd)
+        if os.path.exists(tmp): os.remove(tmp)
 
 def write_json(path, obj):  # allow_nan=False: a NaN would be a bare token that no JSON reader accepts
-    try:
-        text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
-    except ValueError as e:
-        die(f"refusing to write {path}: {e} (a NaN or inf result)")
+    try: text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    except ValueError as e: die(f"refusing to write {path}: {e} (a NaN or inf result)")
     atomic_write(path, lambda f: f.write(text.encode()))
 
 def read_json(path, lines=False):
     """A JSON file (or JSON lines), with one-line errors that name the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, encoding="utf-8") as f: text = f.read()
         return [json.loads(line) for line in text.splitlines() if line.strip()] if lines else json.loads(text)
-    except OSError as e:
-        die(f"cannot read {path}: {e.strerror or e}")
+    except OSError as e: die(f"cannot read {path}: {e.strerror or e}")
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         die(f"{path} is not valid JSON{' lines' if lines else ''} ({str(e).splitlines()[0][:80]}); was it written by robmask?")
 
@@ -1979,12 +1741,10 @@ CKPT_ARGS = {"arch": (str, lambda v: v in ARCHS or v in torchvision_archs()), "m
 
 def read_checkpoint(path):
     """torch.load with weights_only=True (tensors and plain Python only), with one-line errors."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
+    if os.path.isdir(path): path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         die(f"checkpoint {path} does not exist; train one with `robmask.py train --out DIR` and pass DIR/checkpoint.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         what = re.search(r"(?:Unsupported global|GLOBAL)[^\n]*", str(e))
         die(f"{path} holds pickled code ({what.group(0) if what else 'a non-tensor object'}); refused without "
@@ -1994,8 +1754,7 @@ def read_checkpoint(path):
             "training with --resume (it restarts from the last good checkpoint) or restore a copy")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         die(f"{path} is not a robmask checkpoint (no format '{FORMAT}'); robmask only loads files it wrote")
-    a = ckpt.get("args")
-    if not isinstance(a, dict) or not isinstance(ckpt["model"], dict) or not all(
+    if not isinstance(a := ckpt.get("args"), dict) or not isinstance(ckpt["model"], dict) or not all(
             isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
         die(f"{path} is corrupt or foreign: its args or model entry is not what robmask writes")
     a.setdefault("bn_stats", "mixed")  # checkpoints from before --bn-stats kept them `mixed`
@@ -2009,17 +1768,14 @@ def load_state(model, state, path, what):
     """load_state_dict, but a mismatch is one sentence naming it instead of a wall of keys."""
     own = model.state_dict()
     for key, t in own.items():
-        if key not in state:
-            die(f"{path} does not fit {what}: it has no tensor {key} (a checkpoint of another architecture?)")
+        if key not in state: die(f"{path} does not fit {what}: it has no tensor {key} (a checkpoint of another architecture?)")
         if state[key].shape != t.shape:
             die(f"{path} does not fit {what}: {key} is {tuple(state[key].shape)} in the checkpoint but "
                 f"{tuple(t.shape)} in the model (another k, width or class count?)")
-    extra = sorted(set(state) - set(own))
-    if extra:
+    if extra := sorted(set(state) - set(own)):
         die(f"{path} does not fit {what}: it has an extra tensor {extra[0]} (a checkpoint of another architecture?)")
     bad = [key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        die(f"{path} holds non-finite weights (NaN or inf in {bad[0]}); use an earlier checkpoint or retrain")
+    if bad: die(f"{path} holds non-finite weights (NaN or inf in {bad[0]}); use an earlier checkpoint or retrain")
     model.load_state_dict(state)
 
 def run_id(args, history):
@@ -2054,15 +1810,13 @@ def prepare_out_dir(args, given):
     ck_path = os.path.join(args.out, "checkpoint.pt")
     started = os.path.exists(ck_path) or os.path.exists(os.path.join(args.out, "args.json"))
     if args.resume and os.path.exists(ck_path):
-        ckpt = read_checkpoint(ck_path)
-        stored = ckpt["args"]
+        stored = (ckpt := read_checkpoint(ck_path))["args"]
         for key, flag in sorted(given.items()):  # a flag that contradicts the stored run is an error
             if key in stored and key not in RUNTIME_KEYS and getattr(args, key) != stored[key]:
                 die(f"{flag} {getattr(args, key)} differs from the run in {args.out} ({stored[key]}); "
                     "--resume continues the stored run: drop the flag, or use a new --out")
         for key, value in stored.items():  # runtime flags may change; the rest is the stored run
-            if key not in RUNTIME_KEYS or getattr(args, key, None) is None:
-                setattr(args, key, value)
+            if key not in RUNTIME_KEYS or getattr(args, key, None) is None: setattr(args, key, value)
         return ckpt
     if args.resume:
         log(f"no checkpoint in {args.out} yet: starting a new run there")
@@ -2074,12 +1828,10 @@ def lock_run_dir(out):
     """One writer per run directory: an exclusive flock on OUT/.lock, held while the returned file is open."""
     import fcntl
     f = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        die(f"--out {out} is in use by another robmask process (pid {f.read().strip() or '?'}); wait for it, "
-            "or use another --out")
+        die(f"--out {out} is in use by another robmask process (pid {f.read().strip() or '?'}); wait, or use another --out")
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
@@ -2095,29 +1847,23 @@ def run_training(args, given, init_from=None):
         created, d = created + [d], os.path.dirname(d)
     os.makedirs(args.out, exist_ok=True)
     lock = lock_run_dir(args.out) if rank0 else None
-    try:
-        fit(args, given, init_from)
+    try: fit(args, given, init_from)
     except BaseException:
         if created and rank0 and not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
             for f in ("args.json", ".lock"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(args.out, f))
+                with contextlib.suppress(OSError): os.remove(os.path.join(args.out, f))
             for d in created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+                with contextlib.suppress(OSError): os.rmdir(d)
         raise
     finally:
-        if lock is not None:
-            lock.close()
+        if lock is not None: lock.close()
 
 # ---- The command line ------------------------------------------------------------------------------------------
 def number(kind, lo, hi=math.inf):
     """An argparse type: a finite int or float in [lo, hi]."""
     def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {'integer' if kind is int else 'number'} {text!r}")
+        try: v = kind(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"invalid {'integer' if kind is int else 'number'} {text!r}")
         if not (lo <= v <= hi and math.isfinite(v)):  # also refuses nan and inf
             raise argparse.ArgumentTypeError(f"{v} must be at least {lo}" if hi == math.inf else f"{v} is outside [{lo}, {hi}]")
         return v
@@ -2125,9 +1871,8 @@ def number(kind, lo, hi=math.inf):
 
 def parse_eps(text):
     """'8/255' or '0.0314' -> a float in [0, 1] (pixels live in [0, 1])."""
-    try:
-        num, _, den = str(text).partition("/")
-        value = float(num) / float(den) if den else float(num)
+    num, _, den = str(text).partition("/")
+    try: value = float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: write it as 8/255 or 0.0314")
     if not 0 <= value <= 1:
@@ -2137,8 +1882,7 @@ def parse_eps(text):
 def parse_list(item):
     def parse(text):
         values = [item(t) for t in str(text).split(",") if t.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"{text!r} is an empty list; give at least one value, e.g. 0,8/255")
+        if not values: raise argparse.ArgumentTypeError(f"{text!r} is an empty list; give at least one value, e.g. 0,8/255")
         return values
     return parse
 
@@ -2146,16 +1890,13 @@ def named(kind, names, hint=""):
     """An argparse type: names from a fixed list (a comma list for several), with a one-line error listing them."""
     def parse(text):
         bad = [n for n in parse_list(str)(text) if n not in names]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {kind} {bad[0]!r}; choose from {', '.join(names)}{hint}")
+        if bad: raise argparse.ArgumentTypeError(f"unknown {kind} {bad[0]!r}; choose from {', '.join(names)}{hint}")
         return text
     return parse
 
 def mask_name(text):
-    if text in ("clean", "matched"):
-        return text
-    try:
-        return str(unit_float(text))
+    if text in ("clean", "matched"): return text
+    try: return str(unit_float(text))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"invalid mask {text!r}; use clean, matched or a number p in [0, 1]")
 
@@ -2163,7 +1904,6 @@ def device_name(text):
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
     return text
-
 positive_int, nonneg_int, unit_float, nonneg_float = number(int, 1), number(int, 0), number(float, 0, 1), number(float, 0)
 seed_int = number(int, 0, 2**31 - 1)  # seeds derived from it (seed·100003 + ...) stay within torch's range
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -2174,8 +1914,7 @@ ON = dict(action="store_true")
 FLAG_GROUPS = {
     "device": [("--device", dict(type=device_name, help="cpu, cuda or cuda:N (default: cuda when present)")),
                ("--amp", dict(ON, help="bf16 autocast (CUDA and CPU)"))],
-    "speed": [("--channels-last", dict(ON, help="channels_last memory format")),
-              ("--compile", dict(ON, help="torch.compile the model"))],
+    "speed": [("--channels-last", dict(ON, help="channels_last memory format")), ("--compile", dict(ON, help="torch.compile"))],
     "run": [("--resume", dict(ON, help="continue the run in --out (a new run if it holds none)")),
             ("--force", dict(ON, help="overwrite a run that --out already holds")),
             ("--log-every", dict(type=nonneg_float, default=30, help="seconds between in-epoch progress lines")),
@@ -2187,24 +1926,21 @@ FLAG_GROUPS = {
               ("--batch-size", dict(type=number(int, 2), help="global batch size")), ("--seed", dict(type=seed_int))],
     "measure": [("ckpt", {}), ("--n", dict(type=positive_int, help="a fixed class-balanced subset of N test images")),
                 ("--batch-size", dict(type=positive_int, default=256)), ("--seed", dict(type=seed_int, default=0)),
-                ("--recalibrate", dict(type=positive_int, metavar="N", help="precise BN: re-estimate the statistics on "
-                                       "N training images at each mask first (the checkpoint is not changed)"))],
+                ("--recalibrate", dict(type=positive_int, metavar="N", help="precise BN on N training images first"))],
     "force": [("--force", dict(ON, help="replace an --out file that robmask did not write"))],
     "png": [("--out", dict(required=True, help="PNG file"))],
     "two": [("ckpt_a", {}), ("ckpt_b", {})],
 }
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (no usage dump) and exit status 2."""
-
-    def error(self, message):
-        raise UserError(f"{self.prog.split()[-1]}: {message} (see --help)")
+    """argparse with one-line errors (exit status 2, no usage dump) and no abbreviated options (see given_flags)."""
+    def __init__(self, *a, **kw): super().__init__(*a, allow_abbrev=False, **kw)
+    def error(self, message): raise UserError(f"{self.prog.split()[-1]}: {message} (see --help)")
 
 def make_parser():
     top = Parser(prog="robmask.py", description=__doc__.split("\n")[0])
     top.add_argument("--check", action="store_true", help="parse and validate the arguments, then exit without running")
     sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
-
     def command(name, groups, help, *flags, parent=sub, **defaults):  # a subcommand: shared groups, its own flags
         parents = []
         for group in groups.split():
@@ -2212,11 +1948,9 @@ def make_parser():
             for names, kw in FLAG_GROUPS[group]:
                 parents[-1].add_argument(*names if isinstance(names, tuple) else (names,), **kw)
         p = parent.add_parser(name, parents=parents, help=help)
-        for *names, kw in flags:
-            p.add_argument(*names, **kw)
+        for *names, kw in flags: p.add_argument(*names, **kw)
         p.set_defaults(**defaults)
         return p
-
     command("train", "data sizes device speed run", "train a model (Algorithm 1)",
             ("--dataset", dict(default="cifar10", choices=("cifar10", "cifar100", "imagenet", "synthetic"))),
             ("--image-size", dict(type=number(int, 16, 4096), default=224, help="ImageNet crop size")),
@@ -2229,10 +1963,8 @@ def make_parser():
             ("--robmask-adv-only", dict(ON, help="Algorithm 1 literally: no clean branch")),
             ("--attack-steps", dict(type=nonneg_int, default=ATTACK_STEPS)),
             ("--attack-bn", dict(choices=("eval", "train"), default="eval", help="BN mode while attacking")),
-            ("--bn-stats", dict(choices=BN_STATS, default=DEFAULT_BN_STATS, help="how masked BN keeps running "
-                                f"statistics (default {DEFAULT_BN_STATS}; see MaskedBatchNorm2d)")),
-            ("--warmup", dict(type=nonneg_float, default=0, metavar="EPOCHS",
-                              help="linear learning-rate warm-up before the cosine schedule (default 0, the paper's)")),
+            ("--bn-stats", dict(choices=BN_STATS, default=DEFAULT_BN_STATS, help="running statistics (see MaskedBatchNorm2d)")),
+            ("--warmup", dict(type=nonneg_float, default=0, metavar="EPOCHS", help="linear lr warm-up before the cosine")),
             ("--momentum", dict(type=number(float, 0, 1), default=MOMENTUM)), ("--wd", dict(type=nonneg_float, default=WD)),
             ("--width", dict(type=number(int, 1, MAX_WIDTH), help="base channels of a CIFAR arch (default 64, the paper)")),
             ("--out", dict(help="run directory (default runs/<dataset>-<arch>-<method>)")),
@@ -2244,24 +1976,21 @@ def make_parser():
             ("--eps", dict(dest="eps_max", type=parse_eps, help="PGD ε for --on adv (default: the checkpoint's ε_max)")),
             ("--out", dict(required=True)), epochs=2, lr=LR)  # the rest: the checkpoint's own
     command("eval", "measure data device force", "accuracy under PGD or AutoAttack",
-            ("--attack", dict(choices=("none", "pgd", "autoattack"), default="pgd")),
+            ("--attack", dict(choices=("none", "pgd", "autoattack"), default="pgd")), ("--steps", dict(type=nonneg_int, default=100)),
             ("--eps", dict(type=parse_list(parse_eps), default=[EPS_MAX], help="comma list, e.g. 0,4/255,8/255")),
-            ("--steps", dict(type=nonneg_int, default=100)),
             ("--mask", dict(type=mask_name, default="clean", help="clean, matched or a fixed p")),
             ("--aa-version", dict(choices=("standard", "custom", "plus", "rand"), default="standard")),
             ("--aa-attacks", dict(type=named("AutoAttack attack", AA_ATTACKS), default="apgd-ce,apgd-t",
                                   help="with --aa-version custom")), ("--out", dict(help="write the rows as JSON here")))
     command("tradeoff", "measure data device force", "§3.2: sweep the mask u=[1-p, p]",
             ("ckpt_b", dict(nargs="?", help="a second k=1 checkpoint that differs only in BN")),
-            ("--p", dict(type=parse_list(unit_float), default=[i / 10 for i in range(11)])),
-            ("--eps", dict(type=parse_eps, default=EPS_MAX)), ("--steps", dict(type=nonneg_int, default=20)),
-            ("--out", dict(required=True)))
+            ("--p", dict(type=parse_list(unit_float), default=[i / 10 for i in range(11)])), ("--out", dict(required=True)),
+            ("--eps", dict(type=parse_eps, default=EPS_MAX)), ("--steps", dict(type=nonneg_int, default=20)))
     command("export", "force", "fold a mask into a plain model (k=1 robmask checkpoint or torchvision state_dict)",
             ("ckpt", {}), ("--mask", dict(type=mask_name, default="clean", help="clean or a fixed p")),
             ("--format", dict(choices=("robmask", "torchvision"), default="robmask")), ("--out", dict(required=True)))
     command("bench", "device speed force", "time, FLOPs, MFU and memory of a training step per method",
-            ("--arch", dict(type=arch_name, default="preactresnet18")),
-            ("--width", dict(type=number(int, 1, MAX_WIDTH), default=16)),
+            ("--arch", dict(type=arch_name, default="preactresnet18")), ("--width", dict(type=number(int, 1, MAX_WIDTH), default=16)),
             ("--batch-size", dict(type=positive_int, default=BATCH)), ("--steps", dict(type=positive_int, default=10)),
             ("--warmup", dict(type=nonneg_int, default=2)), ("--out", {}))
     kinds = sub.add_parser("plot", help="Figures 1, 3, 4 and trade-off curves (PNG)").add_subparsers(
@@ -2278,17 +2007,12 @@ def make_parser():
 
 def unfed_bases(args):
     """The rows of running statistics that no branch ever moves under --bn-stats split (they would keep their
-    initial μ=0, σ²=1 forever): a drawn p reaches every adversarial row, a fixed one some."""
-    k, fed = method_k(args.method, args.k), set()
-    for s in branch_strengths(args.method, args.robmask_adv_only):
-        if s == 0 or args.eps_max == 0:  # ε_i = 0: a clean branch, which feeds the clean row alone
-            fed.add(0)
-        elif s == "p" and args.fix_p is None:
-            fed |= set(range(1, k))
-        else:
-            s = args.fix_p if s == "p" else s
-            fed |= {j for j, w in enumerate(MaskedBatchNorm2d.stat_weights(mask_for(args.method, s, k), "split", s > 0)) if w > 0}
-    return sorted(set(range(k)) - fed)
+    initial μ=0, σ²=1 forever): a drawn p reaches every adversarial row (at its anchor), a fixed one some."""
+    k = method_k(args.method, args.k)
+    drawn = [args.fix_p] if args.fix_p is not None else [j / (k - 1) for j in range(1, k)] or [1.0]
+    strengths = [q for s in branch_strengths(args.method, args.robmask_adv_only) for q in (drawn if s == "p" else [s])]
+    moved = sum(MaskedBatchNorm2d.stat_weights(mask_for(args.method, s, k), "split", s * args.eps_max > 0) for s in strengths)
+    return [j for j in range(k) if moved[j] == 0]
 
 def validate(args):
     """Checks that need more than one flag at a time (argparse has done the single-flag ones). --check runs
@@ -2297,10 +2021,8 @@ def validate(args):
         die("--freeze-stats with --params stats would change nothing: drop one of them")
     if args.command == "export" and args.mask == "matched":
         die("export folds one fixed mask: use --mask clean or a number p in [0, 1]")
-    if args.command != "train":
-        return
-    if args.method not in METHODS:
-        die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
+    if args.command != "train": return
+    if args.method not in METHODS: die(f"unknown --method {args.method!r}; choose from {', '.join(METHODS)}")
     if args.k is not None and METHODS[args.method][0] is not None:
         die(f"--k is fixed to {METHODS[args.method][0]} by --method {args.method}; only robmask takes --k")
     if args.dataset == "imagenet" and args.arch not in torchvision_archs():
@@ -2325,25 +2047,11 @@ def validate(args):
             "data (no branch feeds them: --robmask-adv-only or --fix-p?); use --bn-stats mixed or shared")
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}")
 
-def given_flags(parser, argv):
-    """{dest: flag} of the options typed on the command line, not defaulted: parsed again with every default
-    suppressed (an action's own, and a parser's set_defaults)."""
-    stack, saved = [parser], []
-    while stack:
-        p = stack.pop()
-        saved += [(p, "_defaults", p._defaults)] + [(a, "default", a.default) for a in p._actions]
-        p._defaults = {}
-        for a in p._actions:
-            a.default = argparse.SUPPRESS
-            stack += a.choices.values() if isinstance(a, argparse._SubParsersAction) else []
-    try:
-        given = vars(parser.parse_args(argv))
-    finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[given["command"]]
-    names = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
-    return {dest: names.get(dest, dest) for dest in given}
+def given_flags(parser, argv, command):
+    """{dest: flag} of the options typed (--flag or --flag=value; no abbreviations: Parser), not defaulted."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    typed = {t.split("=")[0] for t in argv if t.startswith("--")}
+    return {a.dest: a.option_strings[0] for a in sub._actions if typed & set(a.option_strings)}
 
 COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval, "tradeoff": cmd_tradeoff,
             "export": cmd_export, "bench": cmd_bench, "cost": cmd_cost, "plot": cmd_plot, "report": cmd_report}
@@ -2351,29 +2059,25 @@ COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a timeout, a scheduler): handled as Ctrl-C is, so that a run that has not saved cleans up."""
 
-def on_sigterm(signum, frame):
-    raise Terminated()
+def on_sigterm(signum, frame): raise Terminated()
 
 def main(argv=None):
-    import signal
-    import threading
+    import signal, threading  # noqa: E401
     parser, code, args = make_parser(), 0, None
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         args = parser.parse_args(argv)
         validate(args)
         if args.check:
             print("ok: arguments are valid")
         elif args.command in ("train", "finetune-bn"):
-            COMMANDS[args.command](args, given_flags(parser, sys.argv[1:] if argv is None else argv))
+            COMMANDS[args.command](args, given_flags(parser, sys.argv[1:] if argv is None else argv, args.command))
         else:
             COMMANDS[args.command](args)
     except UserError as e:
         print(f"robmask: error: {e}", file=sys.stderr, flush=True)
         code = 2
-    except SystemExit as e:  # --help
-        code = e.code
+    except SystemExit as e: code = e.code  # --help
     except KeyboardInterrupt as e:
         training = args is not None and args.command in ("train", "finetune-bn")
         msg = ("the last checkpoint (end of the last finished epoch) is intact: run the same command with --resume to "
@@ -2382,16 +2086,13 @@ def main(argv=None):
         print(f"robmask: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; {msg}", file=sys.stderr, flush=True)
         code = 143 if isinstance(e, Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not None: signal.signal(signal.SIGTERM, previous)
     if dist.is_initialized():
         dist.destroy_process_group()
         # Leave without tearing down the interpreter: gloo's worker threads can still hold Python
         # tensors then, which sometimes aborts the process (pytorch/pytorch#179291). Files are fsynced.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr): stream.flush()
         os._exit(code)
     return code
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__": sys.exit(main())
