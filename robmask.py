@@ -32,8 +32,7 @@ CIFAR-10 images, 8 epochs, 3 seeds: clean accuracy at u(0) BN 55.38, AdvProp 45.
 a training step of RobMask costs AdvProp's (bench: 1.007). Where BN overfits: results/regime-cpu/STUDY.md.
 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
-        python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched
-        python robmask.py --help"""
+        python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched   (and --help)"""
 import argparse, contextlib, copy, functools, gc, hashlib, itertools, json, math, os  # noqa: E401
 import pickle, re, stat, sys, tempfile, time  # noqa: E401
 import torch
@@ -555,7 +554,7 @@ def subset_indices(labels, n):
     """A fixed class-balanced subset of size n (all of them for n=None or n ≥ len): the classes visited round-robin
     (class 0's first image, class 1's first, ...), the same whatever the seed (image folders are sorted by class, so
     "the first N" would be one or two classes)."""
-    labels = torch.as_tensor(labels)
+    labels = torch.as_tensor(labels).long()
     if not n or n >= len(labels): return torch.arange(len(labels))
     nth = torch.zeros_like(labels)  # each image's place within its class
     for c in labels.unique(): nth[labels == c] = torch.arange(int((labels == c).sum()))
@@ -720,7 +719,7 @@ class LoaderData:
         return self._train_set
     def _loader(self, dataset, batch_size, sampler=None, train=False):  # workers kept from epoch to epoch
         return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=self.args.workers, drop_last=train,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.args.workers > 0, collate_fn=_drop_unreadable)
+                                           pin_memory=self.device.type == "cuda", persistent_workers=self.args.workers > 0, collate_fn=_drop_unreadable)
     def steps_per_epoch(self, batch_size): return len(self.train_set) // batch_size
     def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
         if not hasattr(self, "train_loader"):
@@ -741,8 +740,8 @@ class LoaderData:
 
 def load_data(args, device, rank=0, world=1):
     if args.dataset == "imagenet": return LoaderData(args, device, rank, world)
-    if args.dataset == "synthetic" and args.data_dir: die("--data-dir is not used with the built-in synthetic data; drop it")
     if args.dataset == "synthetic":
+        if args.data_dir: die("--data-dir is not used with the built-in synthetic data (the checkpoint's, too); drop it")
         xtr, ytr, xte, yte, classes = synthetic_data()
         itr, ite = subset_indices(ytr, args.subset), subset_indices(yte, args.test_n)
         return DeviceData(xtr[itr], ytr[itr], xte[ite], yte[ite], classes, device, args.channels_last)
@@ -796,7 +795,7 @@ def cosine_lr(step, total, base, warmup=0):
 def all_reduce(values, device):
     """Sums of Python numbers over the DDP ranks (a single process has nothing to add)."""
     if not dist.is_initialized(): return [float(v) for v in values]
-    dist.all_reduce(t := torch.tensor(values, dtype=torch.float64, device=device))
+    dist.all_reduce(t := torch.tensor(values, dtype=torch.float64, device=device))  # in place: t becomes the sums
     return t.tolist()
 
 def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=contextlib.nullcontext, rank=0, world=1):
@@ -846,7 +845,8 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
         loss_sum += loss
         ces, step_hits = getattr(step_module, "module", step_module).last  # DDP keeps BranchLoss as .module
         branch_sum = branch_sum + ces
-        if step_hits is not None: hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
+        if step_hits is not None:
+            hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
         if time.time() - last_print > args.log_every and rank == 0:  # progress inside a long epoch
             last_print, done = time.time(), step + 1
             rate, acc = done * args.batch_size / (time.time() - t0), f"  train_acc {hits.item() / seen:.4f}" if hits is not None else ""
@@ -872,7 +872,7 @@ def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
 def check_ranks_agree(net, device):
     """Under DDP every rank must hold the same weights; returns the largest difference to rank 0."""
     flat = torch.cat([w.detach().flatten().float() for w in net.parameters()])
-    dist.broadcast(ref := flat.clone(), 0)
+    dist.broadcast(ref := flat.clone(), 0)  # in place: ref becomes rank 0's copy
     return all_reduce([(flat - ref).abs().max().item()], device)[0]
 
 def start_run(args, given, device, rank, world, init_from=None):
@@ -974,9 +974,9 @@ def row_mask(stored, mask, eps):
 def eval_data(args, stored, device):
     """The test data that a checkpoint was trained on (or in --data-dir instead)."""
     # the test split, and N training images for --recalibrate N (subset=1: an image-folder reader decodes no more)
-    a = argparse.Namespace(**dict(stored, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"), test_n=None,
-                                  subset=getattr(args, "recalibrate", None) or 1, channels_last=False,
-                                  workers=getattr(args, "workers", 4), image_size=stored.get("image_size", 224)))
+    a = argparse.Namespace(**dict(stored, test_n=None, data_dir=getattr(args, "data_dir", None) or (
+        stored.get("data_dir") if stored["dataset"] != "synthetic" else None), subset=getattr(args, "recalibrate", None) or 1,
+        channels_last=False, workers=getattr(args, "workers", 4), image_size=stored.get("image_size", 224)))
     data = load_data(a, device)
     if len(data.classes) != stored["num_classes"] or stored.get("classes", data.classes) != list(data.classes):
         die(f"the checkpoint's {stored['num_classes']} classes are not the {len(data.classes)} class folders of "
@@ -1085,9 +1085,9 @@ def cmd_eval(args):
                          mask=args.mask, u=u.tolist(), accuracy=acc, n=n, recalibrate=args.recalibrate))
         log(f"{args.attack:10s} eps {eps * 255:5.2f}/255  mask {args.mask:7s} u={[round(v, 3) for v in u.tolist()]}  "
             f"accuracy {acc:.4f}  (n={n}, {time.time() - t0:.1f}s)")
-    aa = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
     result = dict(checkpoint=args.ckpt, method=stored["method"], rows=rows, amp=args.amp, run_id=stored["run_id"],
-                  run_epoch=stored["run_epoch"], **(dict(aa=aa) if args.attack == "autoattack" else {}))
+                  run_epoch=stored["run_epoch"])
+    if args.attack == "autoattack": result["aa"] = args.aa_version + (f": {args.aa_attacks}" if args.aa_version == "custom" else "")
     if args.out: write_json(args.out, result)
     return result
 
@@ -1228,9 +1228,8 @@ def cmd_bench(args):
     args.out = args.out and check_out(args.out, "results", args.force)
     device, _, _ = setup_device(args)
     amp, cuda, n = amp_context(args, device), device.type == "cuda", max(8 * args.batch_size, 1024)
-    torch.manual_seed(0)  # (the synthetic batches below: the same on every call)
-    data = DeviceData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10, torch.zeros(
-        1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), list(range(10)), device, args.channels_last)
+    torch.manual_seed(0)  # (the models below: the same on every call)
+    data = DeviceData(*synthetic_data(n, 1), device, args.channels_last)  # CIFAR-sized, on the device
     batches = [b for _, b in zip(range(4), data.train_batches(0, args.batch_size, 0))]
     def training_step(method):  # a full training step of `method`
         net = place(build_model(args.arch, 10, method_k(method), args.width), args, device)
@@ -1413,7 +1412,8 @@ def plot_tradeoff(args, fig):
     """Clean against robust accuracy along p, one line per tradeoff JSON."""
     ax = fig.subplots()
     for path in args.files:
-        rows = res.get("rows") if isinstance(res := read_json(path), dict) else None
+        res = read_json(path)
+        rows = res.get("rows") if isinstance(res, dict) else None
         if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(key), (int, float)) for key in
                                                             ("p", "clean", "robust")) for r in rows):
             die(f"{path} is not a `robmask.py tradeoff` result (it needs rows of p, clean, robust)")
@@ -1481,7 +1481,8 @@ class Runs:
                       if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
     def log(self, d): return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
     def args(self, d):
-        return a if isinstance(a := self.json(os.path.join(os.path.basename(d), "args.json")), dict) else {}
+        a = self.json(os.path.join(os.path.basename(d), "args.json"))
+        return a if isinstance(a, dict) else {}
     def unfinished(self, d):
         """'partial: E/N ep' for a run that stopped before its last epoch, else None."""
         n, want = len(self.log(d)), self.args(d).get("epochs")
@@ -1520,7 +1521,8 @@ class Runs:
         """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
         for d in sorted(os.listdir(self.root)):
             if rows := self.rows(os.path.join(d, file), ("eps", "accuracy")):
-                aa = res.get("aa", "?") if isinstance(res := self.json(os.path.join(d, file)), dict) else "?"
+                res = self.json(os.path.join(d, file))
+                aa = res.get("aa", "?") if isinstance(res, dict) else "?"
                 return f"PGD-{rows[-1].get('steps')}" if rows[-1].get("attack") == "pgd" else f"AutoAttack ({aa})"
         return default
 
@@ -1641,8 +1643,7 @@ def cmd_report(args):
             table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
     stats_section(R, out)
     regime_section(R, out)
-    figs = ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png", "table2-tradeoff.png", "stats-curves.png",
-            "regime-curves.png")
+    figs = ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png", "table2-tradeoff.png", "stats-curves.png", "regime-curves.png")
     if R.notes:  # what is not final, said once per run
         out += ["## Not final", "", "Cells marked (partial) include runs that stopped before their last epoch; stale "
                 "evaluations were left out:", ""] + [f"- {n}" for n in dict.fromkeys(R.notes)] + [""]
@@ -1652,7 +1653,7 @@ def cmd_report(args):
     log(f"wrote {path}")
 
 # ==== Plumbing: checkpoint files, run folders, the command line. A reader may skip to the end =======================
-# Nothing below is in the paper. It makes bad input one line, never a traceback, and an interrupted run lose nothing.
+# Nothing below is in the paper. It makes bad input one line, never a traceback, and makes an interrupted run lose nothing.
 # ---- Files: every file robmask writes is checked first, written atomically, and read back with one-line errors
 def head(path, n=None):
     """The first n bytes of a file (all for n=None), or b"" when it cannot be read."""
@@ -1926,7 +1927,7 @@ FLAG_GROUPS = {
               ("--batch-size", dict(type=number(int, 2), help="global batch size")), ("--seed", dict(type=seed_int))],
     "measure": [("ckpt", {}), ("--n", dict(type=positive_int, help="a fixed class-balanced subset of N test images")),
                 ("--batch-size", dict(type=positive_int, default=256)), ("--seed", dict(type=seed_int, default=0)),
-                ("--recalibrate", dict(type=positive_int, metavar="N", help="precise BN on N training images first"))],
+                ("--recalibrate", dict(type=positive_int, metavar="N", help="precise BN on N training images (checkpoint unchanged)"))],
     "force": [("--force", dict(ON, help="replace an --out file that robmask did not write"))],
     "png": [("--out", dict(required=True, help="PNG file"))],
     "two": [("ckpt_a", {}), ("ckpt_b", {})],
@@ -1963,8 +1964,8 @@ def make_parser():
             ("--robmask-adv-only", dict(ON, help="Algorithm 1 literally: no clean branch")),
             ("--attack-steps", dict(type=nonneg_int, default=ATTACK_STEPS)),
             ("--attack-bn", dict(choices=("eval", "train"), default="eval", help="BN mode while attacking")),
-            ("--bn-stats", dict(choices=BN_STATS, default=DEFAULT_BN_STATS, help="running statistics (see MaskedBatchNorm2d)")),
-            ("--warmup", dict(type=nonneg_float, default=0, metavar="EPOCHS", help="linear lr warm-up before the cosine")),
+            ("--bn-stats", dict(choices=BN_STATS, default=DEFAULT_BN_STATS, help="running statistics (default mixed)")),
+            ("--warmup", dict(type=nonneg_float, default=0, metavar="EPOCHS", help="lr warm-up (default 0: the paper's)")),
             ("--momentum", dict(type=number(float, 0, 1), default=MOMENTUM)), ("--wd", dict(type=nonneg_float, default=WD)),
             ("--width", dict(type=number(int, 1, MAX_WIDTH), help="base channels of a CIFAR arch (default 64, the paper)")),
             ("--out", dict(help="run directory (default runs/<dataset>-<arch>-<method>)")),
@@ -1976,16 +1977,17 @@ def make_parser():
             ("--eps", dict(dest="eps_max", type=parse_eps, help="PGD ε for --on adv (default: the checkpoint's ε_max)")),
             ("--out", dict(required=True)), epochs=2, lr=LR)  # the rest: the checkpoint's own
     command("eval", "measure data device force", "accuracy under PGD or AutoAttack",
-            ("--attack", dict(choices=("none", "pgd", "autoattack"), default="pgd")), ("--steps", dict(type=nonneg_int, default=100)),
+            ("--attack", dict(choices=("none", "pgd", "autoattack"), default="pgd")),
             ("--eps", dict(type=parse_list(parse_eps), default=[EPS_MAX], help="comma list, e.g. 0,4/255,8/255")),
+            ("--steps", dict(type=nonneg_int, default=100)),
             ("--mask", dict(type=mask_name, default="clean", help="clean, matched or a fixed p")),
             ("--aa-version", dict(choices=("standard", "custom", "plus", "rand"), default="standard")),
             ("--aa-attacks", dict(type=named("AutoAttack attack", AA_ATTACKS), default="apgd-ce,apgd-t",
                                   help="with --aa-version custom")), ("--out", dict(help="write the rows as JSON here")))
     command("tradeoff", "measure data device force", "§3.2: sweep the mask u=[1-p, p]",
             ("ckpt_b", dict(nargs="?", help="a second k=1 checkpoint that differs only in BN")),
-            ("--p", dict(type=parse_list(unit_float), default=[i / 10 for i in range(11)])), ("--out", dict(required=True)),
-            ("--eps", dict(type=parse_eps, default=EPS_MAX)), ("--steps", dict(type=nonneg_int, default=20)))
+            ("--p", dict(type=parse_list(unit_float), default=[i / 10 for i in range(11)])),
+            ("--eps", dict(type=parse_eps, default=EPS_MAX)), ("--steps", dict(type=nonneg_int, default=20)), ("--out", dict(required=True)))
     command("export", "force", "fold a mask into a plain model (k=1 robmask checkpoint or torchvision state_dict)",
             ("ckpt", {}), ("--mask", dict(type=mask_name, default="clean", help="clean or a fixed p")),
             ("--format", dict(choices=("robmask", "torchvision"), default="robmask")), ("--out", dict(required=True)))
@@ -2009,9 +2011,9 @@ def unfed_bases(args):
     """The rows of running statistics that no branch ever moves under --bn-stats split (they would keep their
     initial μ=0, σ²=1 forever): a drawn p reaches every adversarial row (at its anchor), a fixed one some."""
     k = method_k(args.method, args.k)
-    drawn = [args.fix_p] if args.fix_p is not None else [j / (k - 1) for j in range(1, k)] or [1.0]
+    drawn = [args.fix_p] if args.fix_p is not None else ([j / (k - 1) for j in range(1, k)] or [1.0])  # (k=1: its one row)
     strengths = [q for s in branch_strengths(args.method, args.robmask_adv_only) for q in (drawn if s == "p" else [s])]
-    moved = sum(MaskedBatchNorm2d.stat_weights(mask_for(args.method, s, k), "split", s * args.eps_max > 0) for s in strengths)
+    moved = sum(MaskedBatchNorm2d.stat_weights(mask_for(args.method, s, k), "split", s * args.eps_max > 0) for s in strengths)  # ε_i = 0: clean, row 0
     return [j for j in range(k) if moved[j] == 0]
 
 def validate(args):
@@ -2051,7 +2053,7 @@ def given_flags(parser, argv, command):
     """{dest: flag} of the options typed (--flag or --flag=value; no abbreviations: Parser), not defaulted."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     typed = {t.split("=")[0] for t in argv if t.startswith("--")}
-    return {a.dest: a.option_strings[0] for a in sub._actions if typed & set(a.option_strings)}
+    return {"command": "command", **{a.dest: a.option_strings[0] for a in sub._actions if typed & set(a.option_strings)}}
 
 COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval, "tradeoff": cmd_tradeoff,
             "export": cmd_export, "bench": cmd_bench, "cost": cmd_cost, "plot": cmd_plot, "report": cmd_report}
