@@ -291,6 +291,10 @@ def test_balanced_subset_is_fixed_and_balanced():
     counts = torch.bincount(labels[a], minlength=10)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 25
     assert len(rm.subset_indices(labels, None)) == 300
+    for kind in (torch.int32, torch.uint8):  # any integer labels, and a plain list: the same subset
+        assert torch.equal(rm.subset_indices(labels.to(kind), 25), a)
+    assert torch.equal(rm.subset_indices(labels.tolist(), 25), a)
+    assert torch.equal(a, torch.tensor([30 * c + i for i in range(3) for c in range(10)][:25]).sort().values)  # round-robin
 
 
 def test_eval_subset_is_the_same_balanced_images_whatever_the_seed():
