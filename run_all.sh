@@ -353,6 +353,11 @@ stage_regime() {  # the decisive cells first (bn, advprop, robmask at E), then E
       regime_run "$r-bn-$tag-matched-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$e" --method bn
     done
   done
+  local runs=() d  # the figure: test and training accuracy per epoch, one line per cell at E, its mean over seeds
+  for d in "$RUNS/$r"-{bn,advprop-eps8,robmask-eps8,advprop-eps2,robmask-eps2}-e$REGIME_EPOCHS-s{0,1,2}; do
+    [[ -e $d/log.jsonl ]] || ((DRY)) && runs+=("$d")
+  done
+  ((${#runs[@]})) && run "$PY" robmask.py plot curves "${runs[@]}" --out "$FIG/regime-curves.png"  # redrawn as seeds land
 }
 
 start=$(date +%s)

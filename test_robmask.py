@@ -979,6 +979,8 @@ def test_run_all_dry_run_lists_a_parsing_command_for_every_stage(tmp_path, scale
         cells = [a for a in regime if " ".join(arm) in " ".join(a)]
         assert sorted(a[a.index("--seed") + 1] for a in cells) == ["0"] * 3 + ["1"] * 3 + ["2"] * 3  # paired seeds
     assert sum("--attack pgd --eps 8/255 --steps 20" in line for line in commands["regime"]) == 3 * 5
+    (figure,) = [shlex.split(line) for line in commands["regime"] if " plot curves " in line]  # every cell at E, 3 seeds
+    assert len(figure) - figure.index("curves") - 3 == 5 * 3 and figure[-1].endswith("regime-curves.png")
     # Table 2's slider and Table 1's evaluation use one attack, so their p=0 / p=1 rows can agree
     steps = {shlex.split(line)[shlex.split(line).index("--steps") + 1] for stage in ("table1", "table2")
              for line in commands[stage] if "--steps" in line}
