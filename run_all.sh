@@ -357,7 +357,7 @@ stage_regime() {  # the decisive cells first (bn, advprop, robmask at E), then E
   for d in "$RUNS/$r"-{bn,advprop-eps8,robmask-eps8,advprop-eps2,robmask-eps2}-e$REGIME_EPOCHS-s{0,1,2}; do
     [[ -e $d/log.jsonl ]] || ((DRY)) && runs+=("$d")
   done
-  ((${#runs[@]})) && run "$PY" robmask.py plot curves "${runs[@]}" --out "$FIG/regime-curves.png"  # redrawn as seeds land
+  if ((${#runs[@]})); then run "$PY" robmask.py plot curves "${runs[@]}" --out "$FIG/regime-curves.png"; fi  # redrawn as seeds land
 }
 
 start=$(date +%s)
