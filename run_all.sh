@@ -353,9 +353,9 @@ stage_regime() {  # the decisive cells first (bn, advprop, robmask at E), then E
       regime_run "$r-bn-$tag-matched-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$e" --method bn
     done
   done
-  local runs=() d  # the figure: test and training accuracy per epoch, one line per cell at E, its mean over seeds
-  for d in "$RUNS/$r"-{bn,advprop-eps8,robmask-eps8,advprop-eps2,robmask-eps2}-e$REGIME_EPOCHS-s{0,1,2}; do
-    [[ -e $d/log.jsonl ]] || ((DRY)) && runs+=("$d")
+  local runs=() d  # the figure: test and training accuracy per epoch, one line per cell at E, its mean over the seeds
+  for d in "$RUNS/$r"-{bn,advprop-eps8,robmask-eps8,advprop-eps2,robmask-eps2}-e$REGIME_EPOCHS-s{0,1,2}; do  # that ran
+    [[ -e $d/log.jsonl && $(wc -l < "$d/log.jsonl") -eq $REGIME_EPOCHS ]] || ((DRY)) && runs+=("$d")  # all E epochs
   done
   if ((${#runs[@]})); then run "$PY" robmask.py plot curves "${runs[@]}" --out "$FIG/regime-curves.png"; fi  # redrawn as seeds land
 }
