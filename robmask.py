@@ -57,6 +57,7 @@ ATTACK_STEPS = 7  # PGD steps of the training attack (§5)
 ALPHA_DIV = 5  # PGD step size α = ε/5 (§5)
 K = 2  # RobMask's number of bases W, W' (§5: "we set k = 2 and ε_max = 8/255")
 LR, MOMENTUM, WD, BATCH, EPOCHS = 0.1, 0.9, 5e-4, 128, 100  # SGD with a cosine schedule (§5); 100 epochs (Table 3)
+ARCH, WIDTH = "preactresnet18", 64  # §5's "Preact ResNet (He et al., 2016b)"
 BN_STATS, DEFAULT_BN_STATS = ("mixed", "split", "shared"), "mixed"  # not in the paper: see MaskedBatchNorm2d
 
 # ==== §2  Preliminaries: adversarial training and batch normalisation ===============================================
@@ -432,6 +433,14 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
     def forward(self, x): return (x - self.mean) / self.std
 
+class Network(nn.Sequential):
+    """Normalize, then the network: nn.Sequential with its forward written here. torch.compile (--compile) skips the frames of
+    torch.nn's own code, so it would compile each of our blocks as a graph of its own, once per width and mode; a forward
+    of ours makes the whole network one graph (tested, with torch 2.11 and 2.14)."""
+    def forward(self, x):
+        for layer in self: x = layer(x)
+        return x
+
 def conv(cin, cout, k=3, stride=1, groups=1): return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
 
 class PreActBlock(nn.Module):  # He et al. 2016b: BN-ReLU-conv, twice; shortcut from the first BN-ReLU
@@ -502,7 +511,7 @@ def cifar_body(arch, w):
     if arch == "resnext29":  # 2x64d: cardinality 2, bottleneck width 64 doubling per stage
         layers, c = stages(ResNeXtBlock, w, [2 * w, 4 * w, 8 * w], [3, 3, 3], expansion=2)
         return [conv(3, w, 1), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
-    if arch == "densenet121":  # growth 32 at width 64, blocks 6-12-24-16, compression 0.5
+    if arch == "densenet121":  # Huang et al. 2017: growth 32 at width 64, blocks 6-12-24-16, compression 0.5
         g, c, layers = w // 2, w, [conv(3, w)]
         for i, n in enumerate([6, 12, 24, 16]):
             for _ in range(n):
@@ -523,7 +532,7 @@ def torchvision_archs():
     import torchvision
     return torchvision.models.list_models(module=torchvision.models)
 
-def plain_model(arch, num_classes, width=64, dataset="cifar10"):
+def plain_model(arch, num_classes, width=WIDTH, dataset="cifar10"):
     """Normalize, then the network for `arch` with ordinary BatchNorm2d. --dataset imagenet (any image-folder data)
     takes torchvision's model of that name, at its own width."""
     mean, std = MEAN_STD.get(dataset, MEAN_STD["cifar10"])
@@ -535,9 +544,9 @@ def plain_model(arch, num_classes, width=64, dataset="cifar10"):
     else:
         layers, c = cifar_body(arch, width)
         body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
-    return nn.Sequential(Normalize(mean, std), body)
+    return Network(Normalize(mean, std), body)
 
-def build_model(arch, num_classes, k=1, width=64, dataset="cifar10", bn_stats=DEFAULT_BN_STATS):
+def build_model(arch, num_classes, k=1, width=WIDTH, dataset="cifar10", bn_stats=DEFAULT_BN_STATS):
     """The network for `arch`, with its BN layers as MaskedBatchNorm2d(k, bn_stats) and Normalize first."""
     model = convert_masked_bn(plain_model(ARCH_ALIASES.get(arch, arch), num_classes, width, dataset), k, bn_stats)
     if not masked_layers(model):
@@ -806,6 +815,7 @@ def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=conte
     set_mask(model, u)
     correct, total = torch.zeros((), dtype=torch.long, device=data.device), 0  # counted on the device: no wait per batch
     for x, y in data.test_batches(batch_size, n, rank, world):
+        torch._dynamo.maybe_mark_dynamic(x, 0)  # --compile: the last, smaller batch reuses the graph of the others
         if eps > 0:
             with amp(): x = pgd(model, x, y, eps, eps / ALPHA_DIV, steps, check=False)
         with torch.no_grad(), amp(): correct += (model(x).argmax(1) == y).sum()
@@ -847,11 +857,12 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
         branch_sum = branch_sum + ces
         if step_hits is not None:
             hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
+        if step == 0: t1 = time.time()  # rate and ETA leave the first step out: it warms up (and compiles: --compile)
         if time.time() - last_print > args.log_every and rank == 0:  # progress inside a long epoch
             last_print, done = time.time(), step + 1
-            rate, acc = done * args.batch_size / (time.time() - t0), f"  train_acc {hits.item() / seen:.4f}" if hits is not None else ""
-            log(f"  epoch {epoch + 1} step {done}/{steps}  loss {loss_sum.item() / done:.4f}{acc}  {rate:.0f} img/s  "
-                f"epoch ETA {fmt_time((steps - done) * args.batch_size / rate)}")
+            sec, acc = (time.time() - t1) / max(done - 1, 1), f"  train_acc {hits.item() / seen:.4f}" if hits is not None else ""
+            log(f"  epoch {epoch + 1} step {done}/{steps}  loss {loss_sum.item() / done:.4f}{acc}  " + (f"{args.batch_size / max(sec, 1e-9):.0f} "
+                f"img/s  epoch ETA {fmt_time((steps - done) * sec)}" if done > 1 else f"first step {time.time() - t0:.1f}s (warm-up)"))
     seconds = time.time() - t0
     sums = all_reduce([loss_sum.item(), seen, hits.item() if hits is not None else 0, *branch_sum.tolist()], device)
     entry = dict(train_loss=sums[0] / world / max(steps, 1), train_acc=sums[2] / max(sums[1], 1) if hits is not None else None,
@@ -1160,7 +1171,7 @@ def cmd_export(args):
         a = dict({key: v for key, v in stored.items() if key not in ("run_id", "run_epoch")}, k=1, method="bn", bn_stats="mixed",
                  exported_from=os.path.abspath(args.ckpt), export_u=u.tolist())
         ckpt = dict(format=FORMAT, model=sd, args=a, epoch=0, log=[], complete=True, optimizer=None)
-        atomic_write(args.out, lambda f: torch.save(ckpt, f))
+        atomic_write(args.out, lambda f: torch.save(to_cpu(ckpt), f))
     else:  # torchvision.models.<arch>(num_classes=N).load_state_dict(sd, strict=True), constants in OUT.json
         if stored["dataset"] != "imagenet":
             die(f"--format torchvision needs a torchvision architecture (a --dataset imagenet run); {stored['arch']} is "
@@ -1169,7 +1180,7 @@ def cmd_export(args):
         for key, t in sd.items():  # (key[2:] drops the "1." of Sequential(Normalize, body))
             body, _, leaf = key[2:].rpartition(".")
             tv[f"{body}.{names.get(leaf, leaf)}"] = t[0] if leaf in ("W", "Wp", "running_mean", "running_var") else t
-        atomic_write(args.out, lambda f: torch.save(tv, f))
+        atomic_write(args.out, lambda f: torch.save(to_cpu(tv), f))
         mean, std = MEAN_STD[stored["dataset"]]
         write_json(meta_path, dict(arch=stored["arch"], num_classes=stored["num_classes"], mean=mean, std=std,
                                    classes=stored.get("classes"), u=u.tolist(), source=os.path.abspath(args.ckpt)))
@@ -1792,9 +1803,16 @@ def load_checkpoint(path, device="cpu"):
     load_state(model, ckpt["model"], path, f"{a['arch']} (k={a['k']}, {a['num_classes']} classes)")
     return model.to(device).eval(), a
 
+def to_cpu(obj):
+    """obj with every tensor in it moved to the CPU: a file written on a GPU loads on a machine without one."""
+    if torch.is_tensor(obj): return obj.detach().cpu()
+    if isinstance(obj, (list, tuple, dict)):
+        return dict((k, to_cpu(v)) for k, v in obj.items()) if isinstance(obj, dict) else type(obj)(map(to_cpu, obj))
+    return obj
+
 def save_run(out, net, opt, args_json, epoch, history, complete):
-    ckpt = dict(format=FORMAT, model=net.state_dict(), args=args_json, epoch=epoch, log=history,
-                complete=complete, optimizer=opt.state_dict() if opt is not None else None)
+    ckpt = to_cpu(dict(format=FORMAT, model=net.state_dict(), args=args_json, epoch=epoch, log=history,
+                       complete=complete, optimizer=opt.state_dict() if opt is not None else None))
     atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
     atomic_write(os.path.join(out, "log.jsonl"),
                  lambda f: f.write("".join(json.dumps(e, allow_nan=False) + "\n" for e in history).encode()))
@@ -1843,18 +1861,24 @@ def run_training(args, given, init_from=None):
     and that fails before its first checkpoint is removed again (only by the lock holder, never a loser)."""
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         die(f"--out {args.out} exists and is not a folder; a run directory must be a folder")
-    created, d, rank0 = [], os.path.abspath(args.out), int(os.environ.get("RANK", "0")) == 0
+    import signal
+    created, d, rank0, lock = [], os.path.abspath(args.out), int(os.environ.get("RANK", "0")) == 0, None
     while not os.path.exists(d):  # the folders that makedirs is about to create, deepest first
         created, d = created + [d], os.path.dirname(d)
-    os.makedirs(args.out, exist_ok=True)
-    lock = lock_run_dir(args.out) if rank0 else None
-    try: fit(args, given, init_from)
+    try:  # (a signal may land anywhere from here on, also before the lock is taken)
+        os.makedirs(args.out, exist_ok=True)
+        lock = lock_run_dir(args.out) if rank0 else None
+        fit(args, given, init_from)
     except BaseException:
-        if created and rank0 and not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
-            for f in ("args.json", ".lock"):
-                with contextlib.suppress(OSError): os.remove(os.path.join(args.out, f))
-            for d in created:
-                with contextlib.suppress(OSError): os.rmdir(d)
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short: both wait until it is done
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if created and lock is not None and not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+                for f in ("args.json", ".lock"):
+                    with contextlib.suppress(OSError): os.remove(os.path.join(args.out, f))
+                for d in created:
+                    with contextlib.suppress(OSError): os.rmdir(d)
+        finally: signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
     finally:
         if lock is not None: lock.close()
@@ -1919,7 +1943,8 @@ FLAG_GROUPS = {
     "run": [("--resume", dict(ON, help="continue the run in --out (a new run if it holds none)")),
             ("--force", dict(ON, help="overwrite a run that --out already holds")),
             ("--log-every", dict(type=nonneg_float, default=30, help="seconds between in-epoch progress lines")),
-            ("--workers", dict(type=nonneg_int, default=8, help="DataLoader workers (ImageNet only)"))],
+            ("--workers", dict(type=nonneg_int, default=min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                           else os.cpu_count() or 1), help="DataLoader workers (ImageNet; default: the usable CPUs, at most 8)"))],
     "data": [("--data-dir", dict(help="CIFAR: torchvision's folder, or train/ and test/ class folders; ImageNet: train/ val/"))],
     "sizes": [("--subset", dict(type=positive_int, help="a fixed class-balanced subset of the training set")),
               ("--test-n", dict(type=positive_int, help="per-epoch test accuracy on a fixed balanced subset of N")),
@@ -1955,7 +1980,7 @@ def make_parser():
     command("train", "data sizes device speed run", "train a model (Algorithm 1)",
             ("--dataset", dict(default="cifar10", choices=("cifar10", "cifar100", "imagenet", "synthetic"))),
             ("--image-size", dict(type=number(int, 16, 4096), default=224, help="ImageNet crop size")),
-            ("--arch", dict(type=lambda a: ARCH_ALIASES.get(a.lower(), a.lower()), default="preactresnet18",
+            ("--arch", dict(type=lambda a: ARCH_ALIASES.get(a.lower(), a.lower()), default=ARCH,
                             help=f"{', '.join(ARCHS)}; with --dataset imagenet, any torchvision model with BatchNorm2d")),
             ("--method", dict(default="robmask", help=", ".join(METHODS))),
             ("--k", dict(type=number(int, 1, MAX_K), help=f"RobMask's number of bases (default {K})")),
@@ -1992,7 +2017,7 @@ def make_parser():
             ("ckpt", {}), ("--mask", dict(type=mask_name, default="clean", help="clean or a fixed p")),
             ("--format", dict(choices=("robmask", "torchvision"), default="robmask")), ("--out", dict(required=True)))
     command("bench", "device speed force", "time, FLOPs, MFU and memory of a training step per method",
-            ("--arch", dict(type=arch_name, default="preactresnet18")), ("--width", dict(type=number(int, 1, MAX_WIDTH), default=16)),
+            ("--arch", dict(type=arch_name, default=ARCH)), ("--width", dict(type=number(int, 1, MAX_WIDTH), default=16)),
             ("--batch-size", dict(type=positive_int, default=BATCH)), ("--steps", dict(type=positive_int, default=10)),
             ("--warmup", dict(type=nonneg_int, default=2)), ("--out", {}))
     kinds = sub.add_parser("plot", help="Figures 1, 3, 4 and trade-off curves (PNG)").add_subparsers(
@@ -2035,7 +2060,7 @@ def validate(args):
     if args.dataset != "imagenet" and args.arch not in ARCHS:
         die(f"unknown architecture {args.arch!r}; choose from {', '.join(ARCHS)} (or 'resnext'), or use "
             "--dataset imagenet for torchvision's models")
-    args.width = args.width or 64
+    args.width = args.width or WIDTH
     if args.width < MIN_WIDTH.get(args.arch, 1):
         die(f"--width {args.width} is too small for {args.arch}: it needs at least {MIN_WIDTH[args.arch]}")
     if args.dataset == "synthetic" and args.data_dir:

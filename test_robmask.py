@@ -760,6 +760,34 @@ def test_compile_trains_the_same_model(tmp_path):
     assert state(os.path.join(compiled, "checkpoint.pt")).keys() == state(os.path.join(eager, "checkpoint.pt")).keys()
 
 
+@pytest.mark.slow
+def test_compile_makes_one_whole_graph_per_mode_and_nothing_recompiles(tmp_path, monkeypatch):
+    """Issue 30: under torch 2.11, --compile compiled each residual block as a frame of its own, once per width and mode,
+    until dynamo's recompile limit. Here: aot_eager (graphs, no inductor kernels) and fullgraph=True (a graph break
+    raises). Epoch 1 meets every mode (the attack, the training branches, the clean evaluation with a smaller last
+    batch); from epoch 2 on any recompile raises, while p, the modes and the epochs change. Passes on torch 2.11 and 2.14."""
+    import torch._dynamo.testing
+
+    counter, real_compile, real_epoch, compiled_at = torch._dynamo.testing.CompileCounterWithBackend("aot_eager"), nn.Module.compile, rm.train_epoch, []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: real_compile(self, backend=counter, fullgraph=True))
+
+    def epoch(*a, **k):
+        if compiled_at:  # every mode has been met: from here on nothing may compile
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        compiled_at.append(counter.frame_count)
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(rm, "train_epoch", epoch)
+    torch._dynamo.reset()
+    try:
+        train(str(tmp_path / "c"), "--method", "robmask", "--subset", "128", "--test-n", "300", "--compile", epochs=3)
+    finally:
+        torch._dynamo.reset()
+    # 3 graphs, each the whole network (Network.forward): the attack, the training branch and the no-grad evaluation
+    # (its 300 test images come as batches of 128, 128 and 44: one graph, its batch dimension dynamic)
+    assert compiled_at == [0, 3, 3] and counter.frame_count == 3, (compiled_at, counter.frame_count)
+
+
 def torchrun(out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "robmask.py"), "train", *TINY, "--device", "cpu", "--out", out, *extra]
@@ -1802,6 +1830,28 @@ def test_autoattacks_wrapper_lives_on_the_models_device(fake_cuda):
     assert clf(x).device == CUDA and fake_cuda[0].events[n:] == []  # its forward copies nothing from the host
 
 
+def test_a_checkpoint_written_on_a_gpu_holds_only_cpu_tensors(fake_cuda, monkeypatch, tmp_path):
+    with torch.device(CUDA):
+        net = rm.build_model("preactresnet18", 10, 2, 8)
+        x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    rm.train_step(net, rm.BranchLoss(net), opt, x, y, method="advprop", attack_steps=1)  # momentum buffers on the GPU
+    saved = []
+    monkeypatch.setattr(torch, "save", lambda obj, f: saved.append(obj))
+    rm.save_run(str(tmp_path), net, opt, {"arch": "preactresnet18"}, 1, [], False)
+
+    def tensors(obj):
+        if torch.is_tensor(obj):
+            return [obj]
+        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+        return [t for v in items for t in tensors(v)]
+
+    found = tensors(saved[0])
+    assert len(found) > 2 * len(list(net.parameters())), "the model and the optimizer's momentum buffers"
+    assert {t.device.type for t in found} == {"cpu"}, sorted({str(t.device) for t in found})
+    assert all(t.device == CUDA for t in net.state_dict().values())  # the model itself stays where it trains
+
+
 @pytest.mark.slow
 def test_eval_pgd_recalibrate_and_export_on_fake_cuda(fake_cuda, monkeypatch):
     syncs, _ = fake_cuda
@@ -2035,16 +2085,20 @@ def test_run_all_only_either_runs_the_named_stages_or_says_why_not(tmp_path, onl
 
 
 @pytest.mark.slow
-def test_sigterm_before_the_first_checkpoint_leaves_nothing_behind(tmp_path):  # class 6
+@pytest.mark.parametrize("delay,signals", [(0, 1), (0.3, 1), (1.0, 1), (2.5, 1), (0.3, 2)])
+def test_sigterm_before_the_first_checkpoint_leaves_nothing_behind(tmp_path, delay, signals):  # class 6
+    """Issue 30: SIGTERM to the process group `delay` s after args.json appears (while the data loads, the model is built
+    or the first steps run), once or twice in a row, used to leave .lock (and args.json) behind now and then."""
     out = str(tmp_path / "new" / "run")
     cmd = [sys.executable, os.path.join(HERE, "robmask.py"), "train", "--dataset", "synthetic", "--width", "16",
            "--batch-size", "32", "--epochs", "1", "--out", out]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # wait until the run has started (its folder, lock and args.json exist)
-        if line.startswith("training"):
-            break
-    assert os.path.exists(os.path.join(out, "args.json"))
-    proc.send_signal(signal.SIGTERM)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while not os.path.exists(os.path.join(out, "args.json")) and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(delay)
+    for _ in range(signals):
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.05)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "new")  # the folders it created are gone again
