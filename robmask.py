@@ -40,7 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-FORMAT = "robmask/1"  # written into every checkpoint; anything else is refused as foreign
+FORMAT, OLD_FORMAT = "robmask/2", "robmask/1"  # written into every checkpoint; anything else is refused as foreign
+REBUILT = ("preactresnet18", "resnext29")  # their robmask/1 checkpoints hold the networks before issue 29
 
 class UserError(Exception):
     """A problem with what the user asked for. main() prints it as one line and exits 2, never a traceback."""
@@ -57,7 +58,7 @@ ATTACK_STEPS = 7  # PGD steps of the training attack (§5)
 ALPHA_DIV = 5  # PGD step size α = ε/5 (§5)
 K = 2  # RobMask's number of bases W, W' (§5: "we set k = 2 and ε_max = 8/255")
 LR, MOMENTUM, WD, BATCH, EPOCHS = 0.1, 0.9, 5e-4, 128, 100  # SGD with a cosine schedule (§5); 100 epochs (Table 3)
-ARCH, WIDTH = "preactresnet18", 64  # §5's "Preact ResNet (He et al., 2016b)"
+ARCH, WIDTH = "preactresnet18", 64  # §5's "Preact ResNet (He et al., 2016b)": 11,172,170 parameters (k=1, 10 classes)
 BN_STATS, DEFAULT_BN_STATS = ("mixed", "split", "shared"), "mixed"  # not in the paper: see MaskedBatchNorm2d
 
 # ==== §2  Preliminaries: adversarial training and batch normalisation ===============================================
@@ -418,9 +419,9 @@ def train_step(net, loss_module, opt, x, y, amp=contextlib.nullcontext, generato
 
 # ==== §5  Experiments ===============================================================================================
 # ---- 5.1 Models ------------------------------------------------------------------------------
-# CIFAR models after kuangliu/pytorch-cifar (the de-facto reference; the tests check that the
-# parameter counts match it). Written with plain nn.BatchNorm2d; build_model() converts them.
-# --width scales the base channel count (64 in the paper), for CPU-sized runs.
+# Each CIFAR model follows the paper that §5 cites for it (named beside it), with two CIFAR habits: a 3x3 stem
+# without max-pooling (32x32 images), and PyTorch's default initialisation. Written with plain nn.BatchNorm2d;
+# build_model() converts them. --width scales the base channel count (64 in the paper), for CPU-sized runs.
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
             "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
@@ -502,15 +503,18 @@ def stages(block, cin, widths, depths, expansion=1):
 
 def cifar_body(arch, w):
     """(layers, feature channels) of a CIFAR model at width w; the caller adds pooling and the classifier."""
-    if arch == "preactresnet18":
+    if arch == "preactresnet18":  # He et al. 2016b: pre-activation blocks, then BN-ReLU before pooling, since
+        # the residual stream is never normalised inside a block. Without it (kuangliu/pytorch-cifar's file) the
+        # stream's scale reaches the classifier and the paper's recipe diverges at width 64 (issue 29)
         layers, c = stages(PreActBlock, w, [w, 2 * w, 4 * w, 8 * w], [2, 2, 2, 2])
-        return [conv(3, w)] + layers, c
-    if arch == "resnet18":
+        return [conv(3, w)] + layers + [nn.BatchNorm2d(c), nn.ReLU()], c
+    if arch == "resnet18":  # He et al. 2016a: post-activation blocks, projection shortcuts (option B)
         layers, c = stages(BasicBlock, w, [w, 2 * w, 4 * w, 8 * w], [2, 2, 2, 2])
         return [conv(3, w), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
-    if arch == "resnext29":  # 2x64d: cardinality 2, bottleneck width 64 doubling per stage
+    if arch == "resnext29":  # Xie et al. 2017, CIFAR 2x64d (3x3 stem, as in their code): cardinality 2, bottleneck
+        # width 64 doubling per stage
         layers, c = stages(ResNeXtBlock, w, [2 * w, 4 * w, 8 * w], [3, 3, 3], expansion=2)
-        return [conv(3, w, 1), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
+        return [conv(3, w), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
     if arch == "densenet121":  # Huang et al. 2017: growth 32 at width 64, blocks 6-12-24-16, compression 0.5
         g, c, layers = w // 2, w, [conv(3, w)]
         for i, n in enumerate([6, 12, 24, 16]):
@@ -1682,7 +1686,7 @@ def own_export(path):
     """An earlier export: a robmask checkpoint that says so, or a torchvision state_dict with its own sidecar."""
     try: ckpt = {} if {"arch", "u", "source"} <= json_keys(path + ".json") else torch.load(path, "cpu", weights_only=True)
     except Exception: return False
-    return ckpt == {} or isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and "exported_from" in (ckpt.get("args") or {})
+    return ckpt == {} or isinstance(ckpt, dict) and ckpt.get("format") in (FORMAT, OLD_FORMAT) and "exported_from" in (ckpt.get("args") or {})
 
 # What each writer recognises as a file it wrote itself, and may replace without --force
 OWN = {"results": lambda p: bool({"rows", "step_seconds"} & json_keys(p)),  # eval, tradeoff, bench
@@ -1764,7 +1768,7 @@ def read_checkpoint(path):
     except Exception as e:
         die(f"{path} is truncated or corrupt ({type(e).__name__}: {(str(e) or 'no detail').splitlines()[0][:120]}); re-run the "
             "training with --resume (it restarts from the last good checkpoint) or restore a copy")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, OLD_FORMAT) or "model" not in ckpt:
         die(f"{path} is not a robmask checkpoint (no format '{FORMAT}'); robmask only loads files it wrote")
     if not isinstance(a := ckpt.get("args"), dict) or not isinstance(ckpt["model"], dict) or not all(
             isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
@@ -1774,6 +1778,9 @@ def read_checkpoint(path):
         v = a.get(key)
         if not isinstance(v, kind) or isinstance(v, bool) or not ok(v):
             die(f"{path} is corrupt or foreign: its stored {key} is {v!r}; robmask only loads files it wrote")
+    if ckpt["format"] == OLD_FORMAT and a["arch"] in REBUILT:
+        die(f"{path} holds {a['arch']} as robmask built it before issue 29 (PreActResNet-18 without its final BN-ReLU, "
+            "ResNeXt-29 with a 1x1 stem); retrain it, or read it with robmask.py of commit a6e8375")
     return ckpt
 
 def load_state(model, state, path, what):
