@@ -1547,7 +1547,7 @@ def test_the_readme_library_example_runs_and_learns(monkeypatch):
 # Refactors and GPU fixes must not move a single bit of a CPU run: the published studies stay valid only then.
 # The test trains each case with robmask.py as it was at REFERENCE (read from git history) and as it is now,
 # in this process, on this machine, and compares weights tensor for tensor, log numbers and an eval JSON.
-REFERENCE = "9b27934"  # issue 17's baseline: the numerics of every run in results/
+REFERENCE = "2ddb65e"  # issue 29: the network of He et al. 2016b (9b27934, issue 17's baseline, had the old one)
 BITWISE_CASES = {  # name: extra train flags (TINY data, 2 epochs)
     "bn": ["--method", "bn"],
     **{f"{m}-{s}": ["--method", m, "--bn-stats", s] for m in ("advprop", "robmask") for s in ("mixed", "split", "shared")},
