@@ -23,18 +23,17 @@ Speed and scale (details where they are used):
   * CIFAR-sized data lives on the device as uint8, cropped and flipped there (DeviceData); ImageNet: DataLoader.
   * The attack computes no weight gradient (pgd) and updates one x_adv in place; the clean branch is never attacked.
   * One backward per step for all branches (BranchLoss), so DDP sees one forward and one backward.
-  * --amp (bf16 autocast), --channels-last, --compile; torchrun: each process takes its slice of the global batch.
+  * --amp (bf16), --channels-last, --compile (one whole-network graph per mode); torchrun: a slice of the global batch each.
   * On CUDA: no host sync inside a steady training step (the epoch's random numbers move once, u is built on the
     device, the loss is checked every FINITE_EVERY steps); cudnn.benchmark and TF32. Tested under fake CUDA tensors.
 
-Evidence (measured on 2 CPU cores, AMD EPYC, no GPU; results/ holds the logs): PreActResNet-18 width 16, 8,000
-CIFAR-10 images, 8 epochs, 3 seeds: clean accuracy at u(0) BN 55.38, AdvProp 45.77, RobMask 46.15 (results/stats-cpu);
-a training step of RobMask costs AdvProp's (bench: 1.007). Where BN overfits: results/regime-cpu/STUDY.md.
+Evidence (results/ holds the logs and commands): a RobMask step costs AdvProp's (bench: 1.007 on 2 CPU cores, 0.980
+on an H200); the CPU studies (stats, split, regime) each say whether they ran on the network fixed in issue 29.
 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
         python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched   (and --help)"""
 import argparse, contextlib, copy, functools, gc, hashlib, itertools, json, math, os  # noqa: E401
-import pickle, re, stat, sys, tempfile, time  # noqa: E401
+import pickle, re, signal, stat, sys, tempfile, time  # noqa: E401
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -43,12 +42,10 @@ import torch.nn.functional as F
 FORMAT, OLD_FORMAT = "robmask/2", "robmask/1"  # written into every checkpoint; anything else is refused as foreign
 REBUILT = ("preactresnet18", "resnext29")  # their robmask/1 checkpoints hold the networks before issue 29
 
-class UserError(Exception):
-    """A problem with what the user asked for. main() prints it as one line and exits 2, never a traceback."""
+class UserError(Exception): """A problem with what the user asked for: main() prints one line and exits 2, no traceback."""
 
 def die(msg): raise UserError(msg)
-def log(*a, **kw):
-    """Print on rank 0 only, so that torchrun jobs don't print every line N times."""
+def log(*a, **kw):  # print on rank 0 only, so that torchrun jobs don't print every line N times
     if not dist.is_initialized() or dist.get_rank() == 0: print(*a, **kw, flush=True)
 def warn(msg): log(f"robmask: warning: {msg}", file=sys.stderr)
 
@@ -68,10 +65,9 @@ BN_STATS, DEFAULT_BN_STATS = ("mixed", "split", "shared"), "mixed"  # not in the
 # models here take pixels in [0,1]: the dataset mean/std live inside the model, see Normalize).
 @torch.enable_grad()  # the attack needs ∂ℓ/∂x, even when called under no_grad
 def pgd(model, x, y, eps, alpha=None, steps=ATTACK_STEPS, check=True):
-    """L∞ untargeted PGD with a uniform random start: x_adv with |x_adv-x|∞ ≤ ε, in [0,1]. The model attacked is
-    as set (mask u, BN mode): each branch attacks with its own u. alpha: ε/5 by default (§5). No weight gradient
-    is ever computed (the attack needs ∂ℓ/∂x only: a quarter less time than loss.backward(), measured by an
-    earlier bench). check: refuse images outside [0,1] (it reads them on the host; the loops skip it)."""
+    """L∞ untargeted PGD with a uniform random start: x_adv with |x_adv-x|∞ ≤ ε, in [0,1], on the model as set (mask u,
+    BN mode). alpha: ε/5 by default (§5). No weight gradient: ∂ℓ/∂x only, a quarter less time than loss.backward()
+    (measured). check: refuse images outside [0,1] (it reads them on the host; the training loops skip it)."""
     if check: check_pixels(x)
     if eps == 0 or steps == 0: return x
     alpha = eps / ALPHA_DIV if alpha is None else alpha
@@ -129,17 +125,13 @@ def encode(p, k, onehot=False, device=None):
 #   shared: one set of statistics for all bases, moved by every branch: only γ, β depend on u, the
 #           paper's literal reading ("normalisation only has marginal influence").
 # Under mixed and split AdvProp (one-hot u) is untouched, and "AdvProp is RobMask with k=2 and p frozen
-# at 1" holds bit for bit (tested). The default was decided by measurement (results/stats-cpu/STUDY.md:
-# PreActResNet-18 width 16, 8,000 CIFAR-10 images, 8 epochs, 3 seeds, clean accuracy at u(0) on 10k images):
-# mixed 46.15 ± 1.49, shared 45.61 ± 0.43, split 34.82 ± 20.08 (one seed of three diverged). mixed is best
-# and keeps AdvProp's own two sets of statistics; recalibrating its clean basis (precise BN) gains +0.09.
+# at 1" holds bit for bit (tested). The default, mixed, was decided by measurement (results/stats-cpu/STUDY.md): the
+# best clean accuracy at u(0) over 3 seeds, and AdvProp keeps its own two sets of statistics.
 class MaskedBatchNorm2d(nn.Module):
-    """BatchNorm2d with k bases for the affine rescaling, and k rows of running statistics (1 if shared).
-    Parameters: W (k×C) holds the γ bases w_j, Wp (k×C) the β bases w'_j (the paper's W').
-    Buffers: running_mean, running_var (k×C, or 1×C for --bn-stats shared); u (k,), the current encoding.
-    set_mask() gives every layer u and whether the batch is adversarial before a forward (neither is saved in
-    checkpoints); the layer's own `stats` rule decides how far each row of statistics moves. bn_eps is BatchNorm2d's
-    eps, the variance floor (not an attack's ε)."""
+    """BatchNorm2d with k bases for the affine rescaling: W (k×C) holds the γ bases w_j, Wp (k×C) the β bases w'_j (the
+    paper's W'). Buffers: running_mean, running_var (k×C, or 1×C for --bn-stats shared); u (k,), the current encoding.
+    set_mask() gives every layer u and whether the batch is adversarial before a forward (neither is saved); the
+    `stats` rule decides how far each row of statistics moves. bn_eps: BatchNorm2d's variance floor (not an attack's ε)."""
     def __init__(self, num_features, k=1, bn_eps=1e-5, momentum=0.1, stats=DEFAULT_BN_STATS):
         super().__init__()
         self.num_features, self.k, self.bn_eps, self.momentum, self.stats = num_features, k, bn_eps, momentum, stats
@@ -198,9 +190,8 @@ class MaskedBatchNorm2d(nn.Module):
         return f"{self.num_features}, k={self.k}, bn_eps={self.bn_eps}, momentum={self.momentum}, stats={self.stats}"
 
 def convert_masked_bn(module, k=1, stats=DEFAULT_BN_STATS):
-    """Swap every nn.BatchNorm2d in `module` for a MaskedBatchNorm2d with k bases, each basis a copy
-    of the BatchNorm2d's γ, β and running stats (in the spirit of SyncBatchNorm.convert_sync_batchnorm).
-    Models are written once with ordinary BatchNorm2d; this turns them into any method's model."""
+    """Swap every nn.BatchNorm2d in `module` for a MaskedBatchNorm2d with k bases, each a copy of its γ, β and running
+    stats (like SyncBatchNorm.convert_sync_batchnorm): models are written with BatchNorm2d, this makes any method's."""
     if stats not in BN_STATS or not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"convert_masked_bn needs an integer k >= 1 and stats in {BN_STATS}, not k={k!r}, stats={stats!r}")
     if isinstance(module, nn.BatchNorm2d):
@@ -225,34 +216,29 @@ def masked_layers(model, required=False):
 def num_bases(model): return masked_layers(model, required=True)[0].k
 
 def set_mask(model, u, adversarial=False):
-    """Give every masked BN layer of `model` the encoding u (a length-k vector) for the next forward,
-    and, for training, whether the batch is adversarial (ε > 0; the layer's --bn-stats rule may ask).
-    u is rebound, never written in place: a branch's forward saves its u for the backward pass, and
-    the next branch must not overwrite it before the single backward of the step (BranchLoss)."""
+    """Give every masked BN layer of `model` the encoding u (length k) for the next forward, and whether the batch is
+    adversarial (ε > 0; for the --bn-stats rule). u is rebound, never written in place: a branch's forward saves its u
+    for the backward, and the next branch must not overwrite it before the step's single backward (BranchLoss)."""
     layers = masked_layers(model, required=True)
     u = torch.as_tensor(u, dtype=torch.float32).to(layers[0].W.device)
-    if u.shape != (layers[0].k,):
-        raise ValueError(f"mask u has shape {tuple(u.shape)}, the model has k={layers[0].k} bases")
+    if u.shape != (layers[0].k,): raise ValueError(f"mask u has shape {tuple(u.shape)}, the model has k={layers[0].k} bases")
     for m in layers: m.u, m.adversarial = u, adversarial
 
 @contextlib.contextmanager
 def kept(model):
-    """Leaves `model` as it was found, also when the body raises: every module's train/eval mode (a caller's
-    frozen BN stays frozen), each masked layer's u, adversarial flag and update_stats. u is rebound, never
-    written in place, so a forward run inside keeps the u its backward needs."""
+    """Leaves `model` as it was found, also when the body raises: every module's train/eval mode (a caller's frozen BN
+    stays frozen), each masked layer's u (rebound, never written in place), adversarial flag and update_stats."""
     modes, layers = [(m, m.training) for m in model.modules()], masked_layers(model)
     saved = [(m.u, m.adversarial, m.update_stats) for m in layers]
     try: yield layers
     finally:
         for m, training in modes: m.training = training
-        for m, (u, adversarial, update) in zip(layers, saved):
-            m.u, m.adversarial, m.update_stats = u, adversarial, update
+        for m, (u, adversarial, update) in zip(layers, saved): m.u, m.adversarial, m.update_stats = u, adversarial, update
 
 @contextlib.contextmanager
 def attack_bn_mode(model, mode):
-    """BN behaviour while PGD runs inside a training step (--attack-bn):
-    'eval' : use the running statistics (what TRADES, OAT and most AdvProp ports do);
-    'train': use the batch statistics but leave the running statistics untouched."""
+    """BN while PGD runs inside a training step (--attack-bn): 'eval' uses the running statistics (as TRADES, OAT and
+    most AdvProp ports do); 'train' the batch statistics, leaving the running ones untouched."""
     with kept(model) as layers:
         if mode == "eval": model.eval()
         for m in layers: m.update_stats = False
@@ -315,9 +301,8 @@ def branches(method, p, k=None, adv_only=False, device=None):
     return [(s, mask_for(method, s, k, device)) for s in strengths]
 
 class BranchLoss(nn.Module):
-    """Σ_i mean CE(f(x_i; γ(u_i), β(u_i)), y) over a step's branches, in a single forward. Wrapping this (not the
-    network) in DistributedDataParallel means DDP sees one forward and one backward per step however many branches
-    there are: each parameter's gradient is accumulated over all branches by autograd before DDP's hook all-reduces it."""
+    """Σ_i mean CE(f(x_i; γ(u_i), β(u_i)), y) over a step's branches, in a single forward. DDP wraps this, not the network:
+    it sees one forward and one backward per step, each gradient summed over the branches before its all-reduce."""
     def __init__(self, net, amp=contextlib.nullcontext):
         super().__init__()
         self.net, self.amp = net, amp
@@ -397,8 +382,7 @@ def method_loss(model, x, y, method="robmask", p=None, eps_max=EPS_MAX, attack_s
                 set_mask(model, u)
                 with attack_bn_mode(model, attack_bn), amp():
                     x_i = pgd(model, x, y, eps_i, eps_i / ALPHA_DIV, attack_steps, check=False)
-            else:
-                x_i = x
+            else: x_i = x
             xs.append(x_i)
             us.append(u)
             advs.append(eps_i > 0)
@@ -435,9 +419,8 @@ class Normalize(nn.Module):
     def forward(self, x): return (x - self.mean) / self.std
 
 class Network(nn.Sequential):
-    """Normalize, then the network: nn.Sequential with its forward written here. torch.compile (--compile) skips the frames of
-    torch.nn's own code, so it would compile each of our blocks as a graph of its own, once per width and mode; a forward
-    of ours makes the whole network one graph (tested, with torch 2.11 and 2.14)."""
+    """nn.Sequential with a forward of our own: torch.compile (torch 2.11) skips torch.nn's frames and would compile each
+    block as a graph of its own, per width and mode; this way the whole network is one graph (tested on 2.11 and 2.14)."""
     def forward(self, x):
         for layer in self: x = layer(x)
         return x
@@ -503,16 +486,14 @@ def stages(block, cin, widths, depths, expansion=1):
 
 def cifar_body(arch, w):
     """(layers, feature channels) of a CIFAR model at width w; the caller adds pooling and the classifier."""
-    if arch == "preactresnet18":  # He et al. 2016b: pre-activation blocks, then BN-ReLU before pooling, since
-        # the residual stream is never normalised inside a block. Without it (kuangliu/pytorch-cifar's file) the
-        # stream's scale reaches the classifier and the paper's recipe diverges at width 64 (issue 29)
+    if arch == "preactresnet18":  # He et al. 2016b: pre-activation blocks, then BN-ReLU before pooling: no block normalises
+        # the residual stream; without it (kuangliu's file) the paper's recipe diverges at width 64 (issue 29)
         layers, c = stages(PreActBlock, w, [w, 2 * w, 4 * w, 8 * w], [2, 2, 2, 2])
         return [conv(3, w)] + layers + [nn.BatchNorm2d(c), nn.ReLU()], c
     if arch == "resnet18":  # He et al. 2016a: post-activation blocks, projection shortcuts (option B)
         layers, c = stages(BasicBlock, w, [w, 2 * w, 4 * w, 8 * w], [2, 2, 2, 2])
         return [conv(3, w), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
-    if arch == "resnext29":  # Xie et al. 2017, CIFAR 2x64d (3x3 stem, as in their code): cardinality 2, bottleneck
-        # width 64 doubling per stage
+    if arch == "resnext29":  # Xie et al. 2017, 2x64d: 3x3 stem (their code), cardinality 2, width 64 doubling per stage
         layers, c = stages(ResNeXtBlock, w, [2 * w, 4 * w, 8 * w], [3, 3, 3], expansion=2)
         return [conv(3, w), nn.BatchNorm2d(w), nn.ReLU()] + layers, c
     if arch == "densenet121":  # Huang et al. 2017: growth 32 at width 64, blocks 6-12-24-16, compression 0.5
@@ -564,9 +545,8 @@ def count_params(model): return sum(w.numel() for w in model.parameters())
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 def subset_indices(labels, n):
-    """A fixed class-balanced subset of size n (all of them for n=None or n ≥ len): the classes visited round-robin
-    (class 0's first image, class 1's first, ...), the same whatever the seed (image folders are sorted by class, so
-    "the first N" would be one or two classes)."""
+    """A fixed class-balanced subset of size n (all for n=None or n ≥ len), the same for every seed: the classes visited
+    round-robin (class 0's first image, class 1's first, ...), since image folders are sorted by class."""
     labels = torch.as_tensor(labels).long()
     if not n or n >= len(labels): return torch.arange(len(labels))
     nth = torch.zeros_like(labels)  # each image's place within its class
@@ -652,9 +632,8 @@ def to_float(x_uint8, channels_last=False):
     return x_uint8.float().div_(255).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 class DeviceData:
-    """CIFAR-sized data kept on the training device as uint8, augmented there batch by batch (random crop with 4-pixel
-    zero padding, flip): the airbench approach, no workers. The random numbers come from (seed, epoch), drawn for the
-    *global* batch: a DDP rank gets exactly what a single process would at that position; a resumed run, the same epoch."""
+    """CIFAR-sized data on the training device as uint8, cropped (4-pixel zero padding) and flipped there, no workers
+    (airbench). The random numbers come from (seed, epoch) for the *global* batch: a DDP rank gets what one process would."""
     def __init__(self, x_train, y_train, x_test, y_test, classes, device, channels_last=False):
         self.x_train, self.y_train, self.x_test, self.y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
         self.classes, self.device, self.channels_last, self.image_hw = classes, device, channels_last, tuple(x_train.shape[-2:])
@@ -766,14 +745,11 @@ def setup_device(args):
     want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {want} was asked for, but no CUDA device is visible; use --device cpu")
-    if want == "cpu":
-        # x86 CPUs slow down by up to a third on denormal floats, which PGD's input gradients produce on
-        # some data and not on other: flushing them to zero makes a step's time depend on its work only
+    if want == "cpu":  # x86 slows down by up to a third on the denormal floats that PGD's input gradients make on some data
         torch.set_flush_denormal(True)
     distributed, device = int(os.environ.get("WORLD_SIZE", "1")) > 1, torch.device(want)
     if device.type == "cuda":
-        # A device needs its index (torchrun: the process's own GPU, LOCAL_RANK; a bare "cuda": the current one), and
-        # becomes current before any collective, so that NCCL, synchronize() and the memory counters use it.
+        # Its index (torchrun: LOCAL_RANK's GPU; a bare "cuda": the current one), current before any collective (NCCL)
         index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else device.index
         device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         torch.cuda.set_device(device)
@@ -799,9 +775,8 @@ def amp_context(args, device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
 
 def cosine_lr(step, total, base, warmup=0):
-    """Cosine schedule (paper §5), per step; derived from the step, so a resumed run needs no state.
-    --warmup: first a linear ramp base·(step+1)/warmup over `warmup` steps (as the public AdvProp and
-    dual-BN codes do), then the cosine over the remaining steps. warmup=0 is the paper's schedule."""
+    """Cosine schedule (§5), per step: a resumed run needs no state. --warmup: first a linear ramp base·(step+1)/warmup
+    (as the public AdvProp and dual-BN codes do), then the cosine over the rest. warmup=0 is the paper's schedule."""
     if step < warmup: return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
@@ -838,8 +813,7 @@ def method_kwargs(args):
                 attack_steps=args.attack_steps, attack_bn=args.attack_bn, freeze_stats=getattr(args, "freeze_stats", False))
 
 def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, world, total_steps):
-    """One epoch of Algorithm 1. Returns its log entry: mean loss, clean training accuracy, mean loss per
-    branch (methods with more than one), images per second, seconds."""
+    """One epoch of Algorithm 1; its log entry: mean loss, clean training accuracy, each branch's mean loss, img/s, s."""
     net.train()
     steps = data.steps_per_epoch(args.batch_size)
     warmup, branch_sum, hits, seen = round(args.warmup * steps), 0.0, None, 0
@@ -859,8 +833,7 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
         loss_sum += loss
         ces, step_hits = getattr(step_module, "module", step_module).last  # DDP keeps BranchLoss as .module
         branch_sum = branch_sum + ces
-        if step_hits is not None:
-            hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
+        if step_hits is not None: hits, seen = (step_hits if hits is None else hits + step_hits), seen + len(y)
         if step == 0: t1 = time.time()  # rate and ETA leave the first step out: it warms up (and compiles: --compile)
         if time.time() - last_print > args.log_every and rank == 0:  # progress inside a long epoch
             last_print, done = time.time(), step + 1
@@ -875,8 +848,8 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
     return dict(entry, img_per_s=steps * args.batch_size / max(seconds, 1e-9), seconds=seconds)
 
 def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
-    """Stop if a step of this epoch had a non-finite loss (checked every FINITE_EVERY steps and at the end of
-    the epoch, so before every save). Under DDP every rank stops, not only the one that saw it."""
+    """Stop if a step of this epoch had a non-finite loss (checked every FINITE_EVERY steps and at the epoch's end, so
+    before every save); under DDP every rank stops."""
     flag = first_bad.clone()
     if world > 1: dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if not bool(flag == steps):  # (steps: no step was bad)
@@ -976,9 +949,8 @@ def cmd_finetune_bn(args, given):
     run_training(argparse.Namespace(**stored), given, init_from=None if resuming else args.ckpt)
 
 # ---- 5.4 Evaluation: PGD-100 and AutoAttack, under a chosen mask ---------------------------------
-# Which mask to evaluate with (--mask): `clean` is u(0), the deployable setting (the defender cannot know ε at test
-# time); `matched` is u(ε/ε_max) per row, which assumes the defender knows ε: it is how the robustness tables compare
-# methods (AdvProp: main BN at ε=0, auxiliary BN otherwise); a number P is a fixed u(P).
+# The mask to evaluate with (--mask): `clean` is u(0), deployable (the defender cannot know ε); `matched` is u(ε/ε_max)
+# per row, as the robustness tables compare methods (AdvProp: main BN at ε=0, auxiliary otherwise); a number P is u(P).
 def row_mask(stored, mask, eps):
     """(u, the strength u stands for): --recalibrate measures at that strength (clean → 0, matched → ε)."""
     if mask == "clean": return mask_for(stored["method"], 0.0, stored["k"]), 0.0
@@ -998,11 +970,9 @@ def eval_data(args, stored, device):
             f"{a.data_dir or a.dataset} (names or number differ); pass the --data-dir it was trained on")
     return data
 
-# Precise BN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the running averages were estimated while the
-# weights still moved, and under --bn-stats mixed with a bias (see MaskedBatchNorm2d). --recalibrate N measures, at the
-# evaluated mask u, each BN input's population mean and unbiased variance over N training images in train-mode forwards:
-# clean images for a mask that stands for ε=0, else PGD examples at its ε (the inputs it saw in training). The result
-# is a copy with one set of statistics per layer; the checkpoint is untouched.
+# Precise BN (Wu & Johnson 2021): the running averages were estimated while the weights moved (and, under --bn-stats
+# mixed, with a bias). --recalibrate N measures at mask u each BN input's mean and unbiased variance over N training
+# images (PGD examples at u's ε, clean for ε=0), into a copy with one set of statistics per layer.
 def recalibrate(model, batches, u, eps=0.0, steps=ATTACK_STEPS):
     model = copy.deepcopy(model)
     layers = masked_layers(model)
@@ -1050,18 +1020,16 @@ def recalibrated(model, stored, args, data, cache, u, eps_r):
     return cache[key]
 
 class FixedMask(nn.Module):
-    """x in [0,1] -> logits, always with the mask u: what an attack library (AutoAttack) needs."""
-    def __init__(self, model, u):
+    """The model as a plain classifier, x in [0,1] -> logits, with the mask u(p) or an explicit u (for AutoAttack)."""
+    def __init__(self, model, p=0.0, u=None):
         super().__init__()
-        self.model = model
+        self.model, u = model, encode(p, num_bases(model)) if u is None else u
         self.register_buffer("u", torch.as_tensor(u, dtype=torch.float32, device=masked_layers(model)[0].W.device))
     def forward(self, x):
         set_mask(self.model, self.u)
         return self.model(x)
 
-def fixed_mask(model, p=0.0, u=None):
-    """The model as a plain classifier with the mask u(p) (or an explicit u)."""
-    return FixedMask(model, encode(p, num_bases(model)) if u is None else u)
+fixed_mask = FixedMask  # the library's name for it
 
 def autoattack_accuracy(model, data, u, eps, args, device):
     """Robust accuracy under AutoAttack (pyautoattack) with the mask fixed to u."""
@@ -1133,8 +1101,7 @@ def cmd_tradeoff(args):
     """§3.2 / Table 2: clean and PGD accuracy along u = [1-p, p]."""
     args.out = check_out(args.out, "results", args.force)
     device, _, _ = setup_device(args)
-    if args.ckpt_b:
-        model, stored = combine_checkpoints(args.ckpt, args.ckpt_b, device)
+    if args.ckpt_b: model, stored = combine_checkpoints(args.ckpt, args.ckpt_b, device)
     else:
         model, stored = load_checkpoint(args.ckpt, device)
         if stored["k"] < 2:
@@ -1155,9 +1122,8 @@ def cmd_tradeoff(args):
     write_json(args.out, result := dict(checkpoints=[c for c in (args.ckpt, args.ckpt_b) if c], rows=rows))
     return result
 
-# Export: with u fixed, every masked BN *is* an ordinary BN, with γ = Σ_j u_j w_j, β = Σ_j u_j w'_j and the
-# statistics that evaluation uses at u. Folding them gives a plain model that any tool can evaluate
-# (RobustBench's convention: x in [0,1] NCHW in, logits out, normalisation inside, eval mode).
+# Export: with u fixed, every masked BN *is* a BN with γ = Σ_j u_j w_j, β = Σ_j u_j w'_j and u's statistics: folded, a
+# plain model that any tool evaluates (RobustBench's convention: [0,1] NCHW in, logits out, normalisation inside).
 def fold_mask(model, u):
     """The state_dict of a k=1 model that computes in eval mode exactly what `model` computes at mask u."""
     set_mask(model, u)
@@ -1201,9 +1167,8 @@ def _timed(device, fn, reps=1):
     return time.perf_counter() - t0
 
 def piece_flops(net, x, y, amp=contextlib.nullcontext):
-    """FLOPs (torch.utils.flop_counter) of the two pieces every method's step is made of, on the batch x: a
-    training forward+backward, and one attack step (forward + backward to the input only, parameters frozen).
-    The counter cannot trace pgd itself: its module tracker rejects autograd.grad on a leaf input."""
+    """FLOPs (torch.utils.flop_counter) of the two pieces of every method's step, on the batch x: a training forward +
+    backward, and one attack step (to the input only; the counter cannot trace pgd's autograd.grad on a leaf input)."""
     from torch.utils.flop_counter import FlopCounterMode
     def count(fn):
         counter = FlopCounterMode(display=False)
@@ -1219,12 +1184,12 @@ def method_flops(method, train, attack, attack_steps=ATTACK_STEPS, k=None, adv_o
     """A step of `method`: one training forward+backward per branch, attack_steps attack steps per attacked one."""
     return sum(train + (attack_steps * attack if s > 0 else 0) for s, _ in branches(method, 0.5, k, adv_only))
 
-def matmul_rate(device, amp, n=2048):
-    """MFU's denominator: the dense matmul rate in the dtype training computes in, measured as a 1x1 convolution of
-    n×n by n×n (cuDNN, or oneDNN on the CPU, which is faster there than BLAS's torch.mm on some CPUs)."""
+def matmul_rate(device, amp, n=2048, reps=10):
+    """MFU's denominator: the dense matmul rate in training's dtype, as a 1x1 convolution of n×n by n×n (cuDNN; oneDNN on
+    the CPU, faster there than torch.mm). A large n nears the peak (an H200, bf16: 503 TFLOP/s at 2048, 790 at 8192)."""
     a = torch.randn(1, n, n, 1, device=device, dtype=torch.bfloat16 if amp else torch.float32)
     _timed(device, lambda: F.conv2d(a, a.view(n, n, 1, 1)), 2)  # warm-up
-    return 2 * n**3 * 10 / _timed(device, lambda: F.conv2d(a, a.view(n, n, 1, 1)), 10)
+    return 2 * n**3 * reps / _timed(device, lambda: F.conv2d(a, a.view(n, n, 1, 1)), reps)
 
 def peak_memory_mb(step, batch, cuda):
     """CUDA's peak memory over two steps, no other case's model, gradients or state alive (None on a CPU: no counter)."""
@@ -1250,8 +1215,17 @@ def cmd_bench(args):
         net = place(build_model(args.arch, 10, method_k(method), args.width), args, device)
         opt, loss_module = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), BranchLoss(net, amp)
         return lambda x, y, p: train_step(net, loss_module, opt, x, y, amp, method=method, p=p)
+    def plain_step():  # bn's step on the same network with torch's BatchNorm2d: the cost of the paper's layer itself
+        net = place(plain_model(args.arch, 10, args.width), args, device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        def step(x, y, p):
+            with amp(): loss = F.cross_entropy(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
     peak = {m: peak_memory_mb(training_step(m), batches[0], cuda) for m in BENCHED}  # each method alone
-    cases = {m: training_step(m) for m in BENCHED}
+    cases = dict({m: training_step(m) for m in BENCHED}, plain_bn=plain_step())
     times, gen = {name: [] for name in cases}, torch.Generator().manual_seed(0)
     log(f"bench: {args.arch} width {args.width}, batch {args.batch_size}, {args.steps} timed steps "
         f"(+{args.warmup} warm-up) per case, round-robin, on {device}")
@@ -1266,24 +1240,31 @@ def cmd_bench(args):
         device, lambda: [None for _ in data.train_batches(1, args.batch_size, 0)])
     pieces = piece_flops(build_model(args.arch, 10, 2, args.width).to(device), *batches[0], amp)
     flops, rate = {m: method_flops(m, *pieces) for m in BENCHED}, matmul_rate(device, args.amp)
+    big = matmul_rate(device, args.amp, 8192 if cuda else 4096, 3)  # near the device's peak: the other denominator
     result = dict(device=str(device), arch=args.arch, width=args.width, batch_size=args.batch_size, steps=args.steps,
                   amp=bool(args.amp), channels_last=bool(args.channels_last), compile=bool(args.compile),
                   threads=torch.get_num_threads(), step_seconds=med, img_per_s={m: args.batch_size / med[m] for m in BENCHED},
                   ratios=dict(robmask_over_advprop=med["robmask"] / med["advprop"],  # §5's Timing: 890 s / 870 s
+                              masked_bn_over_plain_bn=med["bn"] / med["plain_bn"],
                               pipeline_over_train=pipeline / (args.batch_size / med["bn"])),
-                  pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=rate,
-                  mfu={m: flops[m] / med[m] / rate for m in BENCHED}, peak_memory_mb=peak)
-    log(f"{'method':10s} {'step s':>8s} {'img/s':>8s} {'GFLOP/step':>11s} {'MFU':>6s} {'peak MB':>8s}")
+                  pipeline_img_per_s=pipeline, flops_per_step=flops, matmul_flops_per_s=rate, large_matmul_flops_per_s=big,
+                  mfu={m: flops[m] / med[m] / rate for m in BENCHED}, mfu_of_large={m: flops[m] / med[m] / big for m in BENCHED},
+                  peak_memory_mb=peak)
+    log(f"{'method':10s} {'step s':>8s} {'img/s':>8s} {'GFLOP/step':>11s} {'MFU':>6s} {'MFU*':>6s} {'peak MB':>8s}")
     for m in BENCHED:
         log(f"{m:10s} {med[m]:8.4f} {result['img_per_s'][m]:8.1f} {flops[m] / 1e9:11.2f} {result['mfu'][m]:6.1%} "
-            f"{f'{peak[m]:.0f}' if cuda else '-':>8s}")
-    log(f"dense matmul {rate / 1e9:.1f} GFLOP/s; data pipeline {pipeline:.0f} img/s")
+            f"{result['mfu_of_large'][m]:6.1%} {f'{peak[m]:.0f}' if cuda else '-':>8s}")
+    log(f"MFU: of a 2048³ matmul, measured here at {rate / 1e12:.2f} TFLOP/s; MFU*: of a {8192 if cuda else 4096}³ one, "
+        f"nearer the device's peak, {big / 1e12:.2f} TFLOP/s")
+    log(f"bn with plain BatchNorm2d: {med['plain_bn']:.4f} s per step; data pipeline {pipeline:.0f} img/s")
     for key, v in result["ratios"].items(): log(f"{key:28s} {v:.3f}")
     if args.out: write_json(args.out, result)
     return result
 
 # ---- cost: what run_all.sh's stages would take at full scale, from counted FLOPs ---------------------------------
-COST_DEVICE = ("an H100 SXM at 40% of its 989 TFLOP/s dense bf16 peak", 0.4 * 989e12)
+# Measured (issue 30): a RobMask step on one H200, width 64, batch 512, bf16, channels_last, eager: 6,721 img/s,
+# 29.7% of the 503 TFLOP/s that bench's 2048³ matmul reaches there. At the paper's batch 128 it is slower (unmeasured).
+COST_DEVICE = ("an H200 at the 149 TFLOP/s measured for a RobMask step (width 64, batch 512, bf16, eager)", 0.297 * 503e12)
 DECODE_PER_WORKER = 150  # ImageNet images/s that one DataLoader worker decodes and crops (PIL; 100-250 measured)
 AA_STEPS = 1000  # AutoAttack standard, roughly: APGD-CE 100 steps + APGD-T 9 targets x 100, per image (a bound)
 DATASET_SIZES = dict(cifar10=(50_000, 10_000), cifar100=(50_000, 10_000), imagenet=(1_281_167, 50_000), synthetic=(2_560, 512))
@@ -1306,9 +1287,8 @@ def command_flops(a, r, pieces):
     return sum((a.n or n_test) * (train / 3 + (steps * attack if e > 0 else 0)) for e in rows), 0.0  # forward ≈ 1/3
 
 def cmd_cost(args):
-    """Reads `run_all.sh --dry-run` output; for every stage, the FLOPs of its train/finetune-bn/eval/tradeoff
-    commands (counted on the real models, per image) and the GPU-hours they take on COST_DEVICE: a lower bound,
-    since small CIFAR convolutions reach far less than 40% of a GPU's peak."""
+    """Reads `run_all.sh --dry-run` output: per stage, the FLOPs of its train/finetune-bn/eval/tradeoff commands (counted
+    per image on the real models) and their GPU-hours on COST_DEVICE (a lower bound at batch 128, measured at 512)."""
     import shlex
     if not os.path.isfile(args.commands):
         die(f"{args.commands} is not a file; save `bash run_all.sh --dry-run` output there first")
@@ -1429,8 +1409,8 @@ def plot_tradeoff(args, fig):
     for path in args.files:
         res = read_json(path)
         rows = res.get("rows") if isinstance(res, dict) else None
-        if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(key), (int, float)) for key in
-                                                            ("p", "clean", "robust")) for r in rows):
+        if not rows or not all(isinstance(r, dict) and all(isinstance(r.get(q), (int, float)) for q in ("p", "clean", "robust"))
+                               for r in rows):
             die(f"{path} is not a `robmask.py tradeoff` result (it needs rows of p, clean, robust)")
         ax.plot([100 * r["clean"] for r in rows], [100 * r["robust"] for r in rows], marker="o", label=os.path.basename(path))
         for r in rows: ax.annotate(f"{r['p']:.1f}", (100 * r["clean"], 100 * r["robust"]), fontsize=6)
@@ -1453,10 +1433,10 @@ def cmd_plot(args):
 # Every claim line restates the paper's text (its tables lost their numbers) in our own words.
 CLAIMS = {
     1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness from BN tuned on PGD "
-       "examples, an adversarial one regains clean accuracy (and loses robustness) from BN tuned on clean data; tuning "
-       "γ does it, the running statistics barely change.",
+       "examples, an adversarial one regains clean accuracy (and loses robustness) from BN tuned on clean data; tuning γ "
+       "does it, the running statistics barely change.",
     2: "Mixing two BN maskings as (1-p)(γ,β) + p(γ',β') gives a smooth family of trade-offs from one stored model.",
-    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, with similar gains on "
+    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, similar gains on "
        "CIFAR-100; RobMask at 20 epochs is comparable to BN at 100.",
     4: "On ImageNet ResNet-18, AdvProp barely helps while RobMask adds about 0.4 points.",
     5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is slightly worse at "
@@ -1474,9 +1454,7 @@ class Runs:
         """A file under the runs folder, or None when it is missing; an unreadable one is None with a warning."""
         path = os.path.join(self.root, path)
         try: return read_json(path, lines) if os.path.isfile(path) else None
-        except UserError as e:
-            warn(f"{e}: its cells show as not run")
-            return None
+        except UserError as e: return warn(f"{e}: its cells show as not run")  # (None)
     def rows(self, path, keys):
         """The rows of a result file that carry numeric `keys` (malformed ones are skipped, with a warning)."""
         res = self.json(path, lines=path.endswith(".jsonl"))
@@ -1495,9 +1473,7 @@ class Runs:
         return sorted(os.path.join(self.root, d) for d in os.listdir(self.root)
                       if pat.match(d) and os.path.isfile(os.path.join(self.root, d, "log.jsonl")))
     def log(self, d): return self.rows(os.path.join(os.path.basename(d), "log.jsonl"), ("test_acc", "seconds"))
-    def args(self, d):
-        a = self.json(os.path.join(os.path.basename(d), "args.json"))
-        return a if isinstance(a, dict) else {}
+    def args(self, d): return a if isinstance(a := self.json(os.path.join(os.path.basename(d), "args.json")), dict) else {}
     def unfinished(self, d):
         """'partial: E/N ep' for a run that stopped before its last epoch, else None."""
         n, want = len(self.log(d)), self.args(d).get("epochs")
@@ -1536,8 +1512,7 @@ class Runs:
         """How the evaluations in `file` attacked, e.g. 'PGD-100' or 'AutoAttack (standard)'."""
         for d in sorted(os.listdir(self.root)):
             if rows := self.rows(os.path.join(d, file), ("eps", "accuracy")):
-                res = self.json(os.path.join(d, file))
-                aa = res.get("aa", "?") if isinstance(res, dict) else "?"
+                aa = res.get("aa", "?") if isinstance(res := self.json(os.path.join(d, file)), dict) else "?"
                 return f"PGD-{rows[-1].get('steps')}" if rows[-1].get("attack") == "pgd" else f"AutoAttack ({aa})"
         return default
 
@@ -1694,9 +1669,8 @@ OWN = {"results": lambda p: bool({"rows", "step_seconds"} & json_keys(p)),  # ev
        "png": lambda p: head(p, 8) == b"\x89PNG\r\n\x1a\n", "report": lambda p: head(p, 10) == b"# Results\n"}
 
 def check_out(path, kind, force=False, flag="--out"):
-    """Every file robmask writes passes here first, before any expensive work. A path ending in / names a folder. A
-    writer replaces only a regular file that it recognises as its own kind (OWN[kind]), or any regular file with
-    --force; never a folder, a device, pipe or link. Creates a missing folder and proves it writable."""
+    """Every file robmask writes passes here first, before any work. A writer replaces only a regular file of its own kind
+    (OWN[kind]), or any with --force; never a folder, device, pipe or link. Makes a missing folder, proves it writable."""
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         die(f"{flag} {path} names a folder; give a file name (inside it, or beside it)")
     path = os.path.abspath(path)
@@ -1714,9 +1688,8 @@ def check_out(path, kind, force=False, flag="--out"):
     return path
 
 def atomic_write(path, write):
-    """Write to a temporary file in the same folder, flush, fsync, rename over `path`, fsync the
-    folder. A kill at any moment leaves either the old file or the new one, never half of one; a
-    failed write (disk full, permissions) leaves the old file and no temporary one, and is one line."""
+    """A temporary file in the same folder, flushed, fsynced, renamed over `path`, the folder fsynced: a kill leaves the
+    old file or the new one, never half; a failed write (disk full) leaves the old file, no temporary one, one line."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp, fd = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}"), None
     try:
@@ -1812,10 +1785,9 @@ def load_checkpoint(path, device="cpu"):
 
 def to_cpu(obj):
     """obj with every tensor in it moved to the CPU: a file written on a GPU loads on a machine without one."""
-    if torch.is_tensor(obj): return obj.detach().cpu()
-    if isinstance(obj, (list, tuple, dict)):
-        return dict((k, to_cpu(v)) for k, v in obj.items()) if isinstance(obj, dict) else type(obj)(map(to_cpu, obj))
-    return obj
+    if isinstance(obj, dict): return {key: to_cpu(v) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(map(to_cpu, obj))
+    return obj.detach().cpu() if torch.is_tensor(obj) else obj
 
 def save_run(out, net, opt, args_json, epoch, history, complete):
     ckpt = to_cpu(dict(format=FORMAT, model=net.state_dict(), args=args_json, epoch=epoch, log=history,
@@ -1830,9 +1802,8 @@ def save_run(out, net, opt, args_json, epoch, history, complete):
 RUNTIME_KEYS = ("device", "compile", "log_every", "workers", "resume", "force", "check", "data_dir", "out", "source")
 
 def prepare_out_dir(args, given):
-    """Apply --resume/--force to --out. Returns the checkpoint to resume from, or None. `given` holds the
-    flags typed on the command line: each one that contradicts the stored run is refused, even when it
-    equals the default; a flag not typed takes the stored value."""
+    """Apply --resume/--force to --out; the checkpoint to resume from, or None. `given`: the flags typed. Each that
+    contradicts the stored run is refused, even when it equals the default; a flag not typed takes the stored value."""
     ck_path = os.path.join(args.out, "checkpoint.pt")
     started = os.path.exists(ck_path) or os.path.exists(os.path.join(args.out, "args.json"))
     if args.resume and os.path.exists(ck_path):
@@ -1844,8 +1815,7 @@ def prepare_out_dir(args, given):
         for key, value in stored.items():  # runtime flags may change; the rest is the stored run
             if key not in RUNTIME_KEYS or getattr(args, key, None) is None: setattr(args, key, value)
         return ckpt
-    if args.resume:
-        log(f"no checkpoint in {args.out} yet: starting a new run there")
+    if args.resume: log(f"no checkpoint in {args.out} yet: starting a new run there")
     elif started and not args.force:
         die(f"--out {args.out} already holds a run; pass --resume to continue it, or --force to overwrite it")
     return None
@@ -1868,7 +1838,6 @@ def run_training(args, given, init_from=None):
     and that fails before its first checkpoint is removed again (only by the lock holder, never a loser)."""
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         die(f"--out {args.out} exists and is not a folder; a run directory must be a folder")
-    import signal
     created, d, rank0, lock = [], os.path.abspath(args.out), int(os.environ.get("RANK", "0")) == 0, None
     while not os.path.exists(d):  # the folders that makedirs is about to create, deepest first
         created, d = created + [d], os.path.dirname(d)
@@ -2040,8 +2009,8 @@ def make_parser():
     return top
 
 def unfed_bases(args):
-    """The rows of running statistics that no branch ever moves under --bn-stats split (they would keep their
-    initial μ=0, σ²=1 forever): a drawn p reaches every adversarial row (at its anchor), a fixed one some."""
+    """The rows of statistics that no branch moves under --bn-stats split (they would keep μ=0, σ²=1): a drawn p
+    reaches every adversarial row (at its anchor), a fixed one some."""
     k = method_k(args.method, args.k)
     drawn = [args.fix_p] if args.fix_p is not None else ([j / (k - 1) for j in range(1, k)] or [1.0])  # (k=1: its one row)
     strengths = [q for s in branch_strengths(args.method, args.robmask_adv_only) for q in (drawn if s == "p" else [s])]
@@ -2049,8 +2018,8 @@ def unfed_bases(args):
     return [j for j in range(k) if moved[j] == 0]
 
 def validate(args):
-    """Checks that need more than one flag at a time (argparse has done the single-flag ones). --check runs
-    exactly these: a command refuses nothing later that does not need its files."""
+    """Checks of several flags at once (argparse did the single ones); --check runs these: nothing is refused later
+    that does not need the files."""
     if args.command == "finetune-bn" and args.freeze_stats and args.bn_params == "stats":
         die("--freeze-stats with --params stats would change nothing: drop one of them")
     if args.command == "export" and args.mask == "matched":
@@ -2090,24 +2059,21 @@ def given_flags(parser, argv, command):
 COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval, "tradeoff": cmd_tradeoff,
             "export": cmd_export, "bench": cmd_bench, "cost": cmd_cost, "plot": cmd_plot, "report": cmd_report}
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a timeout, a scheduler): handled as Ctrl-C is, so that a run that has not saved cleans up."""
+class Terminated(KeyboardInterrupt): """SIGTERM (a timeout, a scheduler), handled as Ctrl-C: a run that has not saved cleans up."""
 
 def on_sigterm(signum, frame): raise Terminated()
 
 def main(argv=None):
-    import signal, threading  # noqa: E401
+    import threading
     parser, code, args = make_parser(), 0, None
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         args = parser.parse_args(argv)
         validate(args)
-        if args.check:
-            print("ok: arguments are valid")
+        if args.check: print("ok: arguments are valid")
         elif args.command in ("train", "finetune-bn"):
             COMMANDS[args.command](args, given_flags(parser, sys.argv[1:] if argv is None else argv, args.command))
-        else:
-            COMMANDS[args.command](args)
+        else: COMMANDS[args.command](args)
     except UserError as e:
         print(f"robmask: error: {e}", file=sys.stderr, flush=True)
         code = 2

@@ -7,6 +7,7 @@
 #   VARIANT: base | warmup (--warmup 1) | attackbn (--attack-bn train) | halfsum (lr 0.05, wd 1e-3: the branch mean)
 set -uo pipefail
 variant=$1 modes=$2 seeds=$3 out=${OUT:-runs/split}
+mkdir -p "$out"
 case $variant in
   base) extra=() ;;
   warmup) extra=(--warmup 1) ;;
