@@ -1254,8 +1254,8 @@ def cmd_bench(args):
     for m in BENCHED:
         log(f"{m:10s} {med[m]:8.4f} {result['img_per_s'][m]:8.1f} {flops[m] / 1e9:11.2f} {result['mfu'][m]:6.1%} "
             f"{result['mfu_of_large'][m]:6.1%} {f'{peak[m]:.0f}' if cuda else '-':>8s}")
-    log(f"MFU: of a 2048³ matmul, measured here at {rate / 1e12:.2f} TFLOP/s; MFU*: of a {8192 if cuda else 4096}³ one, "
-        f"nearer the device's peak, {big / 1e12:.2f} TFLOP/s")
+    log(f"MFU: of a 2048³ matmul, {rate / 1e12:.2f} TFLOP/s here; MFU*: of a {8192 if cuda else 4096}³ one, {big / 1e12:.2f} "
+        "TFLOP/s (on a GPU, nearer its peak)")
     log(f"bn with plain BatchNorm2d: {med['plain_bn']:.4f} s per step; data pipeline {pipeline:.0f} img/s")
     for key, v in result["ratios"].items(): log(f"{key:28s} {v:.3f}")
     if args.out: write_json(args.out, result)
