@@ -963,7 +963,7 @@ def eval_data(args, stored, device):
     # the test split, and N training images for --recalibrate N (subset=1: an image-folder reader decodes no more)
     a = argparse.Namespace(**dict(stored, test_n=None, data_dir=getattr(args, "data_dir", None) or (
         stored.get("data_dir") if stored["dataset"] != "synthetic" else None), subset=getattr(args, "recalibrate", None) or 1,
-        channels_last=False, workers=getattr(args, "workers", 4), image_size=stored.get("image_size", 224)))
+        channels_last=False, workers=getattr(args, "workers", WORKERS), image_size=stored.get("image_size", 224)))
     data = load_data(a, device)
     if len(data.classes) != stored["num_classes"] or stored.get("classes", data.classes) != list(data.classes):
         die(f"the checkpoint's {stored['num_classes']} classes are not the {len(data.classes)} class folders of "
@@ -1910,6 +1910,7 @@ seed_int = number(int, 0, 2**31 - 1)  # seeds derived from it (seed·100003 + ..
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 arch_name = lambda text: named("architecture", ARCHS, " (or 'resnext')")(ARCH_ALIASES.get(text.lower(), text.lower()))  # noqa: E731
 ON = dict(action="store_true")
+WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)  # (usable CPUs)
 # The flags that several subcommands share, as data: a parent parser is built from a group for each subcommand that
 # names it (fresh each time: a subcommand's own defaults must not leak into another's).
 FLAG_GROUPS = {
@@ -1919,8 +1920,7 @@ FLAG_GROUPS = {
     "run": [("--resume", dict(ON, help="continue the run in --out (a new run if it holds none)")),
             ("--force", dict(ON, help="overwrite a run that --out already holds")),
             ("--log-every", dict(type=nonneg_float, default=30, help="seconds between in-epoch progress lines")),
-            ("--workers", dict(type=nonneg_int, default=min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                           else os.cpu_count() or 1), help="DataLoader workers (ImageNet; default: the usable CPUs, at most 8)"))],
+            ("--workers", dict(type=nonneg_int, default=WORKERS, help="DataLoader workers (ImageNet; default: the usable CPUs, at most 8)"))],
     "data": [("--data-dir", dict(help="CIFAR: torchvision's folder, or train/ and test/ class folders; ImageNet: train/ val/"))],
     "sizes": [("--subset", dict(type=positive_int, help="a fixed class-balanced subset of the training set")),
               ("--test-n", dict(type=positive_int, help="per-epoch test accuracy on a fixed balanced subset of N")),
