@@ -794,7 +794,6 @@ def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=conte
     set_mask(model, u)
     correct, total = torch.zeros((), dtype=torch.long, device=data.device), 0  # counted on the device: no wait per batch
     for x, y in data.test_batches(batch_size, n, rank, world):
-        torch._dynamo.maybe_mark_dynamic(x, 0)  # --compile: the last, smaller batch reuses the graph of the others
         if eps > 0:
             with amp(): x = pgd(model, x, y, eps, eps / ALPHA_DIV, steps, check=False)
         with torch.no_grad(), amp(): correct += (model(x).argmax(1) == y).sum()

@@ -528,9 +528,10 @@ def test_loss_falls_and_the_model_learns(tmp_path):
 # The paper's recipe (§5: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, no warm-up) on the real CIFAR-10 JPEGs, for the
 # first steps: the loss stays finite and falls. Issue 29: on a6e8375, whose PreActResNet-18 lacked He et al. 2016b's
 # final BN-ReLU, each PreActResNet-18 case here failed: BN at width 64 climbed from 2.28 to a last-3 mean of 3.62, and
-# AdvProp and RobMask at width 32 reached 96 and 77. Each uses the smallest width and step count at which a6e8375 failed
-# (width 16 failed for AdvProp but not for RobMask at seed 0), so each stays under a minute on 2 cores; the other
-# architectures get the BN case. The cosine's first steps are lr 0.1.
+# AdvProp and RobMask at width 32 reached 96 and 77, ResNeXt-29 (1x1 stem) 2.34 -> 2.77. BN uses the smallest width at
+# which a6e8375 failed (64; at 32 it did not); AdvProp and RobMask share width 32 (at 16 a6e8375 failed for AdvProp only
+# narrowly and not for RobMask at seed 0). Each stays under a minute on 2 cores; the other architectures get the BN case.
+# The cosine's first steps are lr 0.1.
 CIFAR10_JPG = os.environ.get("ROBMASK_CIFAR10", os.path.join(HERE, "..", "shared", "data", "cifar10-jpg"))
 RECIPE = {("preactresnet18", "bn"): (64, 7), ("preactresnet18", "advprop"): (32, 12),
           ("preactresnet18", "robmask"): (32, 12), ("resnet18", "bn"): (16, 12), ("resnext29", "bn"): (16, 20),
@@ -835,7 +836,8 @@ def test_compile_makes_one_whole_graph_per_mode_and_nothing_recompiles(tmp_path,
     finally:
         torch._dynamo.reset()
     # 3 graphs, each the whole network (Network.forward): the attack, the training branch and the no-grad evaluation
-    # (its 300 test images come as batches of 128, 128 and 44: one graph, its batch dimension dynamic)
+    # (its 300 test images come as batches of 128, 128 and 44: one graph, whose batch dimension dynamo made dynamic when
+    # the forward met its second batch size)
     assert compiled_at == [0, 3, 3] and counter.frame_count == 3, (compiled_at, counter.frame_count)
 
 
