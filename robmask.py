@@ -157,8 +157,7 @@ class MaskedBatchNorm2d(nn.Module):
         return u
 
     def mix(self, bases):
-        """Σ_j u_j · bases[j]: γ from W, β from W' and, in evaluation, μ and σ² from the bases' running
-        statistics. Elementwise ops rather than a matmul, so that autocast keeps them in fp32."""
+        """Σ_j u_j · bases[j]: γ from W, β from W', μ and σ² in evaluation; elementwise, so autocast keeps it in fp32."""
         return (self.u[:, None] * bases).sum(0)
 
     def eval_stats(self):
@@ -186,8 +185,7 @@ class MaskedBatchNorm2d(nn.Module):
             self.num_batches_tracked.add_(1)
         return out
 
-    def extra_repr(self):
-        return f"{self.num_features}, k={self.k}, bn_eps={self.bn_eps}, momentum={self.momentum}, stats={self.stats}"
+    def extra_repr(self): return f"{self.num_features}, k={self.k}, bn_eps={self.bn_eps}, momentum={self.momentum}, stats={self.stats}"
 
 def convert_masked_bn(module, k=1, stats=DEFAULT_BN_STATS):
     """Swap every nn.BatchNorm2d in `module` for a MaskedBatchNorm2d with k bases, each a copy of its γ, β and running
@@ -286,15 +284,11 @@ METHODS = {
 # branch (ε=0, u(0)) is also what trains the clean mask that the headline metric, clean accuracy at u(0), uses.
 # --robmask-adv-only gives Algorithm 1 as written.
 
-def method_k(method, k=None):
-    """The number of bases k that `method` needs (robmask: k, default K)."""
-    return METHODS[method][0] or k or K
-def mask_for(method, p, k=None, device=None):
-    """The encoding u(p) that `method` uses for strength p = ε/ε_max."""
+def method_k(method, k=None): return METHODS[method][0] or k or K  # the bases k that `method` needs (robmask: k, or K)
+def mask_for(method, p, k=None, device=None):  # the encoding u(p) that `method` uses for strength p = ε/ε_max
     return encode(p, method_k(method, k), METHODS[method][1] == "onehot", device)
-def branch_strengths(method, adv_only=False):
-    if method == "robmask" and adv_only: return ("p",)  # Algorithm 1 read literally
-    return METHODS[method][2]
+def branch_strengths(method, adv_only=False):  # adv_only: Algorithm 1 read literally
+    return ("p",) if method == "robmask" and adv_only else METHODS[method][2]
 def branches(method, p, k=None, adv_only=False, device=None):
     """[(ε_i/ε_max, u_i), ...] for one mini-batch with the drawn p (Algorithm 1, lines 4-5)."""
     strengths = (p if s == "p" else s for s in branch_strengths(method, adv_only))
@@ -414,8 +408,7 @@ class Normalize(nn.Module):
     """The model's first layer: (x - mean)/std. Images and attacks live in [0,1] pixel space."""
     def __init__(self, mean, std):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        for name, v in (("mean", mean), ("std", std)): self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
     def forward(self, x): return (x - self.mean) / self.std
 
 class Network(nn.Sequential):
@@ -459,8 +452,7 @@ class ResNeXtBlock(nn.Module):  # Xie et al. 2017: 1x1, grouped 3x3 (cardinality
         self.shortcut = (nn.Sequential(conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
                          if stride != 1 or cin != cout else nn.Identity())
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
         return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
 class DenseLayer(nn.Module):  # Huang et al.: BN-ReLU-1x1(4g)-BN-ReLU-3x3(g), concatenated to the input
@@ -468,9 +460,7 @@ class DenseLayer(nn.Module):  # Huang et al.: BN-ReLU-1x1(4g)-BN-ReLU-3x3(g), co
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv(cin, 4 * growth, 1)
         self.bn2, self.conv2 = nn.BatchNorm2d(4 * growth), conv(4 * growth, growth)
-    def forward(self, x):
-        out = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
-        return torch.cat([out, x], 1)
+    def forward(self, x): return torch.cat([self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x)))))), x], 1)
 
 class Transition(nn.Sequential):  # BN-ReLU-1x1 conv-2x2 average pool, halving the channels
     def __init__(self, cin, cout): super().__init__(nn.BatchNorm2d(cin), nn.ReLU(), conv(cin, cout, 1), nn.AvgPool2d(2))
@@ -499,12 +489,8 @@ def cifar_body(arch, w):
     if arch == "densenet121":  # Huang et al. 2017: growth 32 at width 64, blocks 6-12-24-16, compression 0.5
         g, c, layers = w // 2, w, [conv(3, w)]
         for i, n in enumerate([6, 12, 24, 16]):
-            for _ in range(n):
-                layers.append(DenseLayer(c, g))
-                c += g
-            if i < 3:
-                layers.append(Transition(c, c // 2))
-                c //= 2
+            layers, c = layers + [DenseLayer(c + j * g, g) for j in range(n)], c + n * g
+            if i < 3: layers, c = layers + [Transition(c, c // 2)], c // 2
         return layers + [nn.BatchNorm2d(c), nn.ReLU()], c
     raise ValueError(arch)
 
@@ -518,8 +504,7 @@ def torchvision_archs():
     return torchvision.models.list_models(module=torchvision.models)
 
 def plain_model(arch, num_classes, width=WIDTH, dataset="cifar10"):
-    """Normalize, then the network for `arch` with ordinary BatchNorm2d. --dataset imagenet (any image-folder data)
-    takes torchvision's model of that name, at its own width."""
+    """Normalize, then `arch` with plain BatchNorm2d: ours for CIFAR, torchvision's (at its own width) for imagenet."""
     mean, std = MEAN_STD.get(dataset, MEAN_STD["cifar10"])
     if dataset == "imagenet":
         import torchvision
@@ -565,8 +550,7 @@ def list_image_folder(root):
     return paths, torch.tensor(labels), classes
 
 def decode_images(paths, labels):
-    """Decode files to one uint8 tensor (N,3,H,W). Unreadable files are skipped with a warning, here,
-    before training, so that a bad file can never crash an epoch halfway."""
+    """Files to one uint8 tensor (N,3,H,W); an unreadable file is skipped with a warning here, never mid-epoch."""
     import numpy as np
     from PIL import Image
     images, keep = [], []
@@ -583,8 +567,7 @@ def decode_images(paths, labels):
     return torch.stack(images), labels[keep]
 
 def synthetic_data(n_train=2560, n_test=512, num_classes=10, size=32):
-    """A small learnable dataset made in memory, for tests and CI: every class is a smooth random
-    colour pattern, every image that pattern plus noise. Fixed seed: the same data for every run."""
+    """A small learnable dataset for tests and CI, made in memory (fixed seed): per class a smooth colour pattern + noise."""
     g = torch.Generator().manual_seed(1234)
     protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=size, mode="bilinear")
     def make(n):
@@ -637,8 +620,7 @@ class DeviceData:
     def __init__(self, x_train, y_train, x_test, y_test, classes, device, channels_last=False):
         self.x_train, self.y_train, self.x_test, self.y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
         self.classes, self.device, self.channels_last, self.image_hw = classes, device, channels_last, tuple(x_train.shape[-2:])
-    def steps_per_epoch(self, batch_size):
-        return len(self.y_train) // batch_size  # drop the last partial batch: equal steps on all ranks
+    def steps_per_epoch(self, batch_size): return len(self.y_train) // batch_size  # drops the last partial batch: equal steps on all ranks
     def train_batches(self, epoch, batch_size, seed, rank=0, world=1):
         # The epoch's random numbers are drawn on the CPU in a fixed order (the same on every device and
         # rank), then moved to the device once: the loop itself never copies from the host.
@@ -685,8 +667,7 @@ def _drop_unreadable(batch):  # None when every image of the batch was unreadabl
     return torch.utils.data.default_collate(batch) if batch else None
 
 class LoaderData:
-    """ImageNet: ImageFolder train/ and val/, standard transforms, a DataLoader with pinned memory and persistent
-    workers, and a DistributedSampler (also for one process, for one code path)."""
+    """ImageNet: ImageFolder train/, val/; DataLoaders (pinned, persistent workers), a DistributedSampler even for one."""
     def __init__(self, args, device, rank, world):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -777,8 +758,7 @@ def amp_context(args, device):
 def cosine_lr(step, total, base, warmup=0):
     """Cosine schedule (§5), per step: a resumed run needs no state. --warmup: first a linear ramp base·(step+1)/warmup
     (as the public AdvProp and dual-BN codes do), then the cosine over the rest. warmup=0 is the paper's schedule."""
-    if step < warmup: return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    return base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 def all_reduce(values, device):
     """Sums of Python numbers over the DDP ranks (a single process has nothing to add)."""
@@ -787,8 +767,7 @@ def all_reduce(values, device):
     return t.tolist()
 
 def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=contextlib.nullcontext, rank=0, world=1):
-    """Accuracy of `model` with mask u on (a fixed balanced subset n of) the test set, under PGD-`steps`
-    at ε (clean for ε=0). Runs in eval mode; across DDP ranks the counts are all-reduced."""
+    """Accuracy at mask u on (a fixed balanced n of) the test set, under PGD-`steps` at ε > 0; eval mode, DDP-summed."""
     was_training = model.training
     model.eval()
     set_mask(model, u)
@@ -803,7 +782,6 @@ def accuracy(model, data, u, eps=0.0, steps=0, batch_size=256, n=None, amp=conte
     return correct / max(total, 1), int(total)
 
 FINITE_EVERY = 50  # steps between checks that the loss is finite: each check makes the host wait for the GPU
-
 def fmt_time(s): return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 def method_kwargs(args):
@@ -847,8 +825,7 @@ def train_epoch(epoch, net, step_module, opt, data, args, amp, device, rank, wor
     return dict(entry, img_per_s=steps * args.batch_size / max(seconds, 1e-9), seconds=seconds)
 
 def stop_if_nonfinite(first_bad, bad_loss, steps, epoch, world):
-    """Stop if a step of this epoch had a non-finite loss (checked every FINITE_EVERY steps and at the epoch's end, so
-    before every save); under DDP every rank stops."""
+    """Stop every rank if a step of this epoch had a non-finite loss (called every FINITE_EVERY steps, before saves)."""
     flag = first_bad.clone()
     if world > 1: dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if not bool(flag == steps):  # (steps: no step was bad)
@@ -1027,7 +1004,6 @@ class FixedMask(nn.Module):
     def forward(self, x):
         set_mask(self.model, self.u)
         return self.model(x)
-
 fixed_mask = FixedMask  # the library's name for it
 
 def autoattack_accuracy(model, data, u, eps, args, device):
@@ -1313,7 +1289,7 @@ def cmd_cost(args):
         f"{AA_STEPS} attack steps per image; ImageNet loader bound: {DECODE_PER_WORKER} img/s per worker):")
     log(f"  {'stage':8s} {'commands':>8s} {'PFLOP':>10s} {'GPU-hours':>10s} {'decode-bound GPU-hours':>23s}")
     for name, (flops, loader, count) in list(totals.items()) + [("all", [sum(t[i] for t in totals.values()) for i in range(3)])]:
-        log(f"  {name:8s} {count:8d} {flops / 1e15:10.1f} {flops / COST_DEVICE[1] / 3600:10.1f} "
+        log(f"  {name:8s} {count:8d} {flops / 1e15:10.1f} {flops / COST_DEVICE[1] / 3600:10.2f} "
             f"{f'{loader:.1f}' if loader and name != 'all' else '-':>23s}")
     return totals
 
@@ -1431,18 +1407,15 @@ def cmd_plot(args):
 # fine-tuned copies add -ft-<on>-<params>. Evaluations sit beside the checkpoints as eval-*.json.
 # Every claim line restates the paper's text (its tables lost their numbers) in our own words.
 CLAIMS = {
-    1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness from BN tuned on PGD "
-       "examples, an adversarial one regains clean accuracy (and loses robustness) from BN tuned on clean data; tuning γ "
-       "does it, the running statistics barely change.",
+    1: "Fine-tuning only BN moves a model along the trade-off: a standard model gains robustness from BN tuned on PGD examples, "
+       "an adversarial one regains clean accuracy (and loses robustness) from BN tuned clean; γ does it, μ, σ² barely change.",
     2: "Mixing two BN maskings as (1-p)(γ,β) + p(γ',β') gives a smooth family of trade-offs from one stored model.",
-    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, similar gains on "
-       "CIFAR-100; RobMask at 20 epochs is comparable to BN at 100.",
-    4: "On ImageNet ResNet-18, AdvProp barely helps while RobMask adds about 0.4 points.",
-    5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is slightly worse at "
-       "8/255, the strength those two were trained on.",
-    6: "AutoAttack tells the same story as PGD; with ε_max = 10/255 RobMask trades a little clean accuracy for better "
-       "robustness at ε ≥ 6/255.",
-    7: "AdvProp with a random strength gets worse, extra auxiliary BNs help a little, and RobMask beats all of them.",
+    3: "RobMask beats BN by about 1.5 points and AdvProp by about 0.8 on CIFAR-10 at 100 epochs, similar gains on CIFAR-100; "
+       "RobMask at 20 epochs is comparable to BN at 100.", 4: "On ImageNet ResNet-18, AdvProp barely helps; RobMask adds about 0.4 points.",
+    5: "Under PGD-100, RobMask beats AdvProp and adversarial training at every ε up to 6/255 and is slightly worse at 8/255, the "
+       "strength those two were trained on.",
+    6: "AutoAttack tells the same story as PGD; with ε_max = 10/255 RobMask trades a little clean accuracy for better robustness "
+       "at ε ≥ 6/255.", 7: "AdvProp with a random strength gets worse, extra auxiliary BNs help a little, and RobMask beats all of them.",
     8: "RobMask's gains hold over three random seeds."}
 
 class Runs:
@@ -1603,7 +1576,7 @@ def regime_section(R, out):
             f"AdvProp in clean accuracy where BN fits its training set? E = {big_e} epochs; paired over seeds.", ""]
     for tag, eps, label in (("eps8", 8 / 255, "ε_max 8/255, PGD-7"), ("eps2", 2 / 255, "ε_max 2/255, PGD-2")):
         arms = [("BN", f"bn-e{big_e}"), ("AdvProp", f"advprop-{tag}-e{big_e}"), ("RobMask", f"robmask-{tag}-e{big_e}"),
-                (f"RobMask, E/5 = {big_e // 5} epochs", f"robmask-{tag}-e{big_e // 5}"), ("BN, RobMask's wall time", f"bn-{tag}-matched")]
+                (f"RobMask, E/5 = {big_e // 5} epochs", f"robmask-{tag}-e{big_e // 5}"), ("BN, compute-matched to RobMask", f"bn-{tag}-matched")]
         clean, rows = {lbl: R.per_seed(name(v), "eval-clean.json", 0.0) for lbl, v in arms}, []
         for lbl, v in arms:
             logs = [log for log in map(R.log, R.seeds(name(v))) if log]
@@ -1615,29 +1588,59 @@ def regime_section(R, out):
                       [paired(arms[a][0], clean[arms[a][0]], arms[b][0], clean[arms[b][0]])
                        for a, b in ((2, 0), (2, 1), (3, 0), (2, 4))]), ""]
 
+SWEEP_RUN = r"(\w+)-(mixed|split|shared)-s(\d+)"  # results/split-cpu/sweep.sh's <variant>-<bn-stats mode>-s<seed>
+
+def sweep_section(R, out):
+    """The split sweep (results/split-cpu/sweep.sh): each run's first epoch. A step's summed loss follows from the running
+    means that --log-every 0 prints, L_k = k m_k - (k-1) m_(k-1) (in <run>/train.log or <run>.log). A run diverged if a
+    step's loss passed twice the two-branch chance level 2 ln 10 = 4.61, or NaN (a run without epoch 1 counts as one)."""
+    runs, chance, med = {}, 2 * math.log(10), lambda v: sorted(v)[len(v) // 2] if v else math.nan  # noqa: E731
+    nan_last = lambda v: (v != v, v)  # noqa: E731  (a NaN ranks as the largest loss)
+    for d in sorted(os.listdir(R.root)):
+        logs = [f for f in (os.path.join(R.root, d, "train.log"), os.path.join(R.root, d + ".log")) if os.path.isfile(f)]
+        if not (m := re.fullmatch(SWEEP_RUN, d)) or not logs: continue
+        means = {int(k): float(v) for k, v in re.findall(r"epoch 1 step (\d+)/\d+  loss (\S+)", open(logs[0], encoding="utf-8", errors="replace").read())}
+        worst = max((k * v - (k - 1) * means.get(k - 1, 0.0) for k, v in means.items()), key=nan_last, default=math.nan)
+        runs.setdefault(m.group(1, 2), []).append((int(m[3]), worst, (R.log(d) or [{}])[0]))  # (seed, worst step, epoch 1)
+    rows = []
+    for (variant, mode), rs in sorted(runs.items()):
+        ep1, (seed, worst, _) = [e for *_, e in rs if "branch_loss" in e], max(rs, key=lambda r: nan_last(r[1]))
+        loss = [e["train_loss"] for e in ep1]
+        rows.append([variant, mode, len(rs), sum(not w <= 2 * chance for _, w, _ in rs),
+                     sum(not e.get("train_loss", math.nan) <= chance for *_, e in rs), f"{med(loss):.3f} [{min(loss, default=math.nan):.3f}, "
+                     f"{max(loss, default=math.nan):.3f}]", " / ".join(f"{med([e['branch_loss'][i] for e in ep1]):.3f}" for i in (0, 1)),
+                     f"{worst:.2f} (s{seed})", f"{100 * med([e['test_acc'] for e in ep1]):.1f}"])
+    if rows: out += ["## Study: the split sweep, first epochs (results/split-cpu/sweep.sh)", "", table(
+        ["variant", "mode", "seeds", "diverged (a step > 9.21)", "epoch-1 mean > 4.61", "epoch-1 loss, median [min, max]",
+         "clean / adversarial CE, median", "worst step loss", "test acc after epoch 1, median"], rows), ""]
+
 def cmd_report(args):
     if not os.path.isdir(args.runs):
         die(f"{args.runs} is not a folder; pass the runs folder that run_all.sh wrote (e.g. runs/quick)")
     path = check_out(args.out or os.path.join(args.runs, "RESULTS.md"), "report", args.force)
-    R = Runs(args.runs)
+    R, names = Runs(args.runs), os.listdir(args.runs)
     out = ["# Results", "", f"Built by `python robmask.py report {args.runs}` from the runs in that folder. "
            "Accuracies in %. \"not run\" marks a run that is missing; several seeds show mean ± std.", ""]
-    for n, title, header, rows in paper_tables(R):
+    studies = [d for d in names if re.match(rf"cifar10-preactresnet18-(stats|regime)-|{SWEEP_RUN}$", d)]
+    paper = any(re.match(r"(cifar10|cifar100|imagenet)-\w+-(bn|adv|robmask)", d) for d in names) or not studies  # else: the studies
+    for n, title, header, rows in paper_tables(R) if paper else []:
         out += [f"## Table {n}: {title}", "", f"*Paper's claim:* {CLAIMS[n]}", "",
                 table(header, [[R.value(cell) for cell in row] for row in rows]), ""]
     secs = {m: [sum(e["seconds"] for e in log) / len(log) for log in map(R.log, R.seeds(f"cifar10-densenet121-{m}-long"))
                 if log] for m in ("advprop", "robmask")}
-    out += ["## Timing: seconds per epoch, DenseNet-121 CIFAR-10", "",
-            "*Paper's claim:* both use two forwards and one backward per step; 870 s (AdvProp) vs 890 s (RobMask).", "",
-            table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
-    stats_section(R, out)
+    if paper: out += ["## Timing: seconds per epoch, DenseNet-121 CIFAR-10", "",
+                      "*Paper's claim:* both use two forwards and one backward per step; 870 s (AdvProp) vs 890 s (RobMask).",
+                      "", table(["AdvProp", "RobMask"], [[f"{sum(v) / len(v):.1f}" if v else "not run" for v in secs.values()]]), ""]
+    if paper or any("-stats-" in d for d in studies): stats_section(R, out)
     regime_section(R, out)
-    figs = ("fig1-bn-params.png", "fig3-curves.png", "fig4-feature-maps.png", "table2-tradeoff.png", "stats-curves.png", "regime-curves.png")
+    sweep_section(R, out)
+    figs = {f: os.path.isfile(os.path.join(args.runs, "figures", f)) for f in ("fig1-bn-params.png", "fig3-curves.png",
+            "fig4-feature-maps.png", "table2-tradeoff.png", "stats-curves.png", "regime-curves.png")}
     if R.notes:  # what is not final, said once per run
         out += ["## Not final", "", "Cells marked (partial) include runs that stopped before their last epoch; stale "
                 "evaluations were left out:", ""] + [f"- {n}" for n in dict.fromkeys(R.notes)] + [""]
-    out += ["## Figures", ""] + [f"- [{f}](figures/{f})" if os.path.isfile(os.path.join(args.runs, "figures", f))
-                                 else f"- {f}: not run" for f in figs]
+    if paper or any(figs.values()):
+        out += ["## Figures", ""] + [f"- [{f}](figures/{f})" if made else f"- {f}: not run" for f, made in figs.items() if paper or made]
     atomic_write(path, lambda f: f.write(("\n".join(out) + "\n").encode()))
     log(f"wrote {path}")
 
@@ -1770,8 +1773,7 @@ def load_state(model, state, path, what):
     model.load_state_dict(state)
 
 def run_id(args, history):
-    """A run's identity, from what its folder keeps even without the checkpoint (args.json and log.jsonl): an
-    evaluation records it, and report refuses an evaluation whose run has since been retrained."""
+    """A run's identity from args.json and log.jsonl: evaluations record it; report drops one whose run was retrained."""
     return hashlib.sha256(json.dumps([args, history], sort_keys=True).encode()).hexdigest()[:16]
 
 def load_checkpoint(path, device="cpu"):
@@ -2017,8 +2019,7 @@ def unfed_bases(args):
     return [j for j in range(k) if moved[j] == 0]
 
 def validate(args):
-    """Checks of several flags at once (argparse did the single ones); --check runs these: nothing is refused later
-    that does not need the files."""
+    """Checks across flags (argparse made the single ones), run by --check too: later, only what needs files fails."""
     if args.command == "finetune-bn" and args.freeze_stats and args.bn_params == "stats":
         die("--freeze-stats with --params stats would change nothing: drop one of them")
     if args.command == "export" and args.mask == "matched":

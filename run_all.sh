@@ -29,7 +29,9 @@
 #           2/255 with PGD-2, where AdvProp reported gains), robmask also at E/5 epochs (the paper's convergence
 #           claim), and BN given robmask's wall time (more epochs: E x the measured time ratio); 3 paired seeds.
 #           Each run: clean accuracy at u(0) on the whole test set, PGD-20 at the arm's ε with the matched mask on
-#           a balanced 1000, and the final training accuracy (in log.jsonl)
+#           a balanced 1000, and the final training accuracy (in log.jsonl). With --quick: the CPU preset (width 16, 500
+#           images, E = 200, one run at a time); without: the GPU preset (width 64, 2,000 images, E = 60, JOBS = 9
+#           runs side by side on one GPU, BN compute-matched by counted FLOPs; about 9 minutes on an H200, estimated)
 # Then `robmask.py report` writes RUNS/RESULTS.md.
 #
 # Settings (a flag beats the environment variable):
@@ -40,10 +42,11 @@
 #   NPROC     processes for the ImageNet torchrun (default: the number of GPUs, or 1)
 #   RUNS      output folder (default runs/full, or runs/quick with --quick)
 #   PY        the Python to use (default .venv/bin/python if present, else python3)
-#   FAST      training speed flags (default "--amp --channels-last", plus --compile where nvidia-smi lists a GPU;
-#             FAST= turns them off)
+#   FAST      training speed flags (default "--amp --channels-last", plus --compile where nvidia-smi lists a GPU, but
+#             not for regime's side-by-side runs; FAST= turns them off)
 #   With --quick only: SMALL (model/data size of table3/7/8), R18 (of the ResNet-18 tables), LONG, SHORT
-#   (their epochs), R18_EPOCHS, REGIME (data/model of `regime`), REGIME_EPOCHS.
+#   (their epochs), R18_EPOCHS. At both scales: REGIME (data/model of `regime`), REGIME_EPOCHS, and JOBS (regime's
+#   runs at once: 1 with --quick, 9 without; above 1 its matched BN gets RobMask's counted FLOPs, not its wall time).
 # A dataset whose folder does not exist is skipped, with a message; `mkdir -p data/cifar10 data/cifar100`
 # lets torchvision download CIFAR on a machine that is online.
 #
@@ -129,6 +132,7 @@ fi
 GPUS=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
 DEFAULT_FAST="--amp --channels-last" EVAL_AMP=()
 ((GPUS > 0)) && DEFAULT_FAST+=" --compile" && EVAL_AMP=(--amp)
+FAST_SET=${FAST+1}  # did the user choose FAST? (regime's side-by-side runs then take it as given)
 read -r -a FAST <<< "${FAST-$DEFAULT_FAST}"
 # Scale. Full: the paper's settings. Quick: the same pipeline at CPU scale (2 cores: about 45 minutes for the paper's stages, plus about 2 hours for `stats`),
 # most of the time going to table1/table2, whose effect needs an adversarial ResNet-18 of width 16
@@ -156,8 +160,15 @@ else
   AA=(--aa-version standard --n 1000) AA_SWEEP=$SWEEP
   IMNET=(--epochs 105 --batch-size 256)
   STATS=() STATS_EPOCHS=100 RECAL=10000
-  REGIME=() REGIME_EPOCHS=100
+  # regime on one GPU (issue 31): the CPU preset's design at width 64 on 2,000 class-balanced images (batch 128, the
+  # paper's), E = 60, its 27 runs side by side (JOBS at once; eager, since compiling 27 short runs would cost more than
+  # it saves) and the compute-matched BN given RobMask's counted FLOPs (wall time means nothing for runs that share a
+  # GPU). Estimated: `--dry-run`. Sized for one command of at most 9 minutes on an H200, not yet measured on one.
+  read -r -a REGIME <<< "${REGIME:---width 64 --subset 2000 --test-n 1000}"
+  REGIME_EPOCHS=${REGIME_EPOCHS:-60} JOBS=${JOBS:-9}
 fi
+JOBS=${JOBS:-1}
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: JOBS must be a positive integer, not '$JOBS'" >&2; exit 2; }
 FIG=$RUNS/figures
 STAGE=setup
 
@@ -311,6 +322,13 @@ stage_stats() {  # seed-major, so that an interrupted study has whole seeds
   once "$FIG/stats-curves.png" "$PY" robmask.py plot curves "$RUNS"/cifar10-preactresnet18-stats-{bn,advprop,robmask-mixed,robmask-split,robmask-shared}-s0 \
     --out "$FIG/stats-curves.png"
 }
+matched_flops() {  # matched_flops STEPS,STEPS...: per PGD step count, BN's epochs for RobMask's counted training FLOPs
+  "$PY" -c 'import sys, torch, robmask as r
+a = r.make_parser().parse_args(["train", "--arch", "preactresnet18", *sys.argv[3:]])
+t, at = r.piece_flops(r.build_model(a.arch, 10, 2, a.width), torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+print(*(max(1, round(int(sys.argv[1]) * r.method_flops("robmask", t, at, int(s)) / r.method_flops("bn", t, at)))
+        for s in sys.argv[2].split(",")))' "$REGIME_EPOCHS" "$1" "${REGIME[@]}"
+}
 matched_epochs() {  # matched_epochs BN_RUN OTHER_RUN: BN's epochs for OTHER's training wall time (from the logs)
   ((DRY)) && { echo "$((REGIME_EPOCHS * 8))"; return 0; }  # a placeholder: the real number needs the two logs
   # median seconds per epoch: robust to an epoch slowed by other work on the machine (or a paused job)
@@ -329,32 +347,71 @@ regime_run() {  # regime_run NAME EPS TAG ARGS...: train and evaluate, unless it
   [[ -e $RUNS/$name/eval-clean.json && -e $RUNS/$name/eval-pgd20-$tag.json ]] && ((!DRY)) && { echo "[skip] $name is evaluated"; return 0; }
   train "$name" "$@" && regime_eval "$name" "$eps" "$tag"
 }
-stage_regime() {  # the decisive cells first (bn, advprop, robmask at E), then E/5 and the compute-matched BN; seed-major
-  have "$DATA" CIFAR-10 || return 0
-  local seed arm eps steps tag m e bn r=cifar10-preactresnet18-regime
-  local arms="eps8:8/255:7 eps2:2/255:2" base=(--arch preactresnet18 "${C10[@]}" "${REGIME[@]}")
-  for seed in 0 1 2; do
-    bn=$r-bn-e$REGIME_EPOCHS-s$seed  # one BN run per seed, evaluated in both arms
-    [[ -e $RUNS/$bn/eval-pgd20-eps2.json ]] && ((!DRY)) || train "$bn" "${base[@]}" --seed "$seed" --epochs "$REGIME_EPOCHS" --method bn
+regime_bn() {  # regime_bn NAME ARGS...: the one BN run of a seed, evaluated in both arms
+  local name=$1; shift
+  [[ -e $RUNS/$name/eval-pgd20-eps2.json ]] && ((!DRY)) || train "$name" "$@"
+  regime_eval "$name" 8/255 eps8 && regime_eval "$name" 2/255 eps2
+}
+cell() {  # cell NAME COMMAND...: run it; with JOBS > 1 in the background, at most JOBS at once, its output in
+  local name=$1; shift  # RUNS/logs/NAME.log (several runs share one GPU: each leaves gaps that the others fill)
+  if ((JOBS == 1 || DRY)); then "$@"; return; fi
+  while jobs > /dev/null; (($(jobs -pr | wc -l) >= JOBS)); do wait -n || true; done  # (`jobs`: reap finished ones)
+  mkdir -p "$RUNS/logs" && rm -f "$RUNS/logs/$name.failed"
+  echo "[start] $name (log: $RUNS/logs/$name.log)"
+  { ( "$@" ) > "$RUNS/logs/$name.log" 2>&1 && echo "[done] $name" ||
+      { : > "$RUNS/logs/$name.failed"; echo "[FAILED] $name: see $RUNS/logs/$name.log"; }; } &
+}
+cells_done() {  # wait for every cell; stop (naming their logs) if any failed
+  ((JOBS == 1 || DRY)) && return 0
+  wait
+  trap - EXIT INT TERM
+  local failed=("$RUNS"/logs/*.failed)
+  [[ -e ${failed[0]} ]] && { echo "run_all.sh: stage $STAGE failed: ${#failed[@]} run(s), see ${failed[*]/%.failed/.log}" >&2; exit 1; }
+  return 0
+}
+stop_tree() {  # stop_tree PID: SIGTERM to PID's processes, children first (a training keeps its last checkpoint)
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do stop_tree "$child"; done
+  kill -TERM "$1" 2>/dev/null || true
+}
+regime_cells() {  # regime_cells main|extra SEED...: the decisive cells at E, or RobMask at E/5 and the matched BN
+  local seed arm eps steps tag m e
+  for seed in "${@:2}"; do
+    [[ $1 == main ]] && cell "$r-bn-e$REGIME_EPOCHS-s$seed" regime_bn "$r-bn-e$REGIME_EPOCHS-s$seed" "${base[@]}" \
+      --seed "$seed" --epochs "$REGIME_EPOCHS" --method bn
     for arm in $arms; do
       IFS=: read -r tag eps steps <<< "$arm"
-      regime_eval "$bn" "$eps" "$tag"
-      for m in advprop robmask; do
-        regime_run "$r-$m-$tag-e$REGIME_EPOCHS-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$REGIME_EPOCHS" \
-          --method "$m" --eps-max "$eps" --attack-steps "$steps"
-      done
-    done
-  done
-  for seed in 0 1 2; do
-    for arm in $arms; do
-      IFS=: read -r tag eps steps <<< "$arm"
+      if [[ $1 == main ]]; then
+        for m in advprop robmask; do
+          cell "$r-$m-$tag-e$REGIME_EPOCHS-s$seed" regime_run "$r-$m-$tag-e$REGIME_EPOCHS-s$seed" "$eps" "$tag" "${base[@]}" \
+            --seed "$seed" --epochs "$REGIME_EPOCHS" --method "$m" --eps-max "$eps" --attack-steps "$steps"
+        done
+        continue
+      fi
       e=$((REGIME_EPOCHS / 5))
-      regime_run "$r-robmask-$tag-e$e-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$e" --method robmask \
-        --eps-max "$eps" --attack-steps "$steps"
-      e=$(matched_epochs "$r-bn-e$REGIME_EPOCHS-s0" "$r-robmask-$tag-e$REGIME_EPOCHS-s0")
-      regime_run "$r-bn-$tag-matched-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" --epochs "$e" --method bn
+      cell "$r-robmask-$tag-e$e-s$seed" regime_run "$r-robmask-$tag-e$e-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" \
+        --epochs "$e" --method robmask --eps-max "$eps" --attack-steps "$steps"
+      if ((JOBS > 1)); then e=${flops[$([[ $tag == eps8 ]] && echo 0 || echo 1)]}
+      else e=$(matched_epochs "$r-bn-e$REGIME_EPOCHS-s0" "$r-robmask-$tag-e$REGIME_EPOCHS-s0"); fi
+      cell "$r-bn-$tag-matched-s$seed" regime_run "$r-bn-$tag-matched-s$seed" "$eps" "$tag" "${base[@]}" --seed "$seed" \
+        --epochs "$e" --method bn
     done
   done
+}
+stage_regime() {  # one at a time: the decisive cells first (bn, advprop, robmask at E), then E/5 and the compute-matched
+  have "$DATA" CIFAR-10 || return 0  # BN, seed-major. JOBS > 1: side by side, the long matched BN runs started first
+  local m r=cifar10-preactresnet18-regime FAST=("${FAST[@]}") flops=()
+  local arms="eps8:8/255:7 eps2:2/255:2" base=(--arch preactresnet18 "${C10[@]}" "${REGIME[@]}")
+  if ((JOBS == 1)); then regime_cells main 0 1 2; regime_cells extra 0 1 2
+  else  # the matched BN by counted FLOPs (wall time means little for runs that share a GPU), eager unless FAST is set
+    read -r -a flops <<< "$(matched_flops 7,2)"  # (eps8's and eps2's PGD steps, in the order of $arms)
+    ((${#flops[@]} == 2)) || { echo "run_all.sh: stage $STAGE failed: could not count the FLOPs for the matched BN" >&2; exit 1; }
+    [[ -n $FAST_SET ]] || { FAST=(); for m in $DEFAULT_FAST; do [[ $m == --compile ]] || FAST+=("$m"); done; }
+    ((DRY)) || trap 'for m in $(jobs -p); do stop_tree "$m"; done' EXIT  # an error or Ctrl-C stops the runs too
+    ((DRY)) || trap 'exit 130' INT TERM
+    regime_cells extra 0 1 2; regime_cells main 0 1 2  # (27 short runs would compile for longer than it saves)
+    cells_done
+  fi
   local runs=() d  # the figure: test and training accuracy per epoch, one line per cell at E, its mean over the seeds
   for d in "$RUNS/$r"-{bn,advprop-eps8,robmask-eps8,advprop-eps2,robmask-eps2}-e$REGIME_EPOCHS-s{0,1,2}; do  # that ran
     [[ -e $d/log.jsonl && $(wc -l < "$d/log.jsonl") -eq $REGIME_EPOCHS ]] || ((DRY)) && runs+=("$d")  # all E epochs

@@ -2075,6 +2075,96 @@ def test_report_writes_the_regime_tables_with_paired_differences(tmp_path):
 
 
 
+def test_report_summarises_a_split_sweep_from_the_console_logs(tmp_path):
+    """Issue 31: the split sweep's table comes from `report`. Each step's loss follows from the running means that
+    --log-every 0 prints (L_k = k m_k - (k-1) m_(k-1)); a NaN run has no epoch 1 in its log and counts as diverged."""
+    def sweep_run(name, means, epoch1=None, sibling=False):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [f"  epoch 1 step {k}/3  loss {m}  train_acc 0.1000  9 img/s" for k, m in enumerate(means, 1)]
+        (tmp_path / f"{name}.log" if sibling else d / "train.log").write_text("\n".join(lines + ["  epoch 2 step 1/3  loss 99.0"]))
+        if epoch1:
+            (d / "log.jsonl").write_text(json.dumps(dict(epoch=1, seconds=1.0, **epoch1)) + "\n")
+    sweep_run("base-split-s0", ["4.0000", "5.0000", "4.5000"], dict(train_loss=4.4, branch_loss=[2.1, 2.3], test_acc=0.15))
+    sweep_run("base-split-s1", ["4.0000", "7.0000"], dict(train_loss=5.5, branch_loss=[2.5, 3.0], test_acc=0.11), sibling=True)
+    sweep_run("base-split-s2", ["4.0000", "nan"])  # stopped by a NaN: no epoch 1
+    sweep_run("base-mixed-s0", ["4.0000", "4.5000"], dict(train_loss=4.25, branch_loss=[2.0, 2.25], test_acc=0.2))
+    assert cli("report", tmp_path) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    # split: steps of s0 are 4, 6, 3.5 (the epoch-2 line ignored), of s1 4, 10 (> 9.21), of s2 4, nan
+    assert "| base | split | 3 | 2 | 2 | 5.500 [4.400, 5.500] | 2.500 / 3.000 | nan (s2) | 15.0 |" in text
+    assert "| base | mixed | 1 | 0 | 0 | 4.250 [4.250, 4.250] | 2.000 / 2.250 | 5.00 (s0) | 20.0 |" in text
+    assert "*Paper's claim:*" not in text and "Study: how masked BN" not in text  # a folder of one study: that study alone
+    write_run(str(tmp_path), "cifar10-preactresnet18-robmask-long-s0", [0.5, 0.6])  # plus a run of the paper's (Table 8)
+    assert cli("report", tmp_path) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.count("*Paper's claim:*") == 9 and "| base | mixed | 1 |" in text and "| runs | clean |" in text
+
+
+@pytest.mark.parametrize("folder,rows", [  # the numbers that results/split-cpu/summarise.py printed, before and after issue 29
+    ("seeds", ["| base | split | 10 | 2 | 9 | 4.958 [4.550, 15.854] | 2.461 / 2.497 | 50.79 (s9) | 11.0 |",
+               "| attackbn | split | 10 | 2 | 10 | 4.823 [4.654, 25.399] | 2.327 / 2.497 | 88.29 (s9) | 15.0 |"]),
+    ("seeds-fixed", ["| base | shared | 10 | 0 | 0 | 4.351 [4.291, 4.429] | 2.149 / 2.194 | 4.94 (s8) | 19.0 |"])])
+def test_report_rebuilds_the_committed_split_sweep_tables(tmp_path, folder, rows):
+    assert cli("report", os.path.join(HERE, "results", "split-cpu", folder), "--out", tmp_path / "r.md") == 0
+    text = (tmp_path / "r.md").read_text()
+    assert all(row in text for row in rows) and text.count("| base |") == 3
+
+
+def test_run_all_regime_gpu_preset_is_listed_with_its_estimate_and_its_first_train_command_checks(tmp_path):
+    """Issue 31: without --quick, `regime` is the GPU preset: width 64, 2,000 images, E = 60, the 27 runs side by side,
+    eager, the compute-matched BN given RobMask's counted FLOPs; the dry run estimates its GPU time."""
+    import shlex
+
+    fake = tmp_path / "bin"  # a GPU machine as run_all.sh sees one: nvidia-smi lists a GPU, so FAST adds --compile
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: a fake'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    r = run_all("--dry-run", "--only", "table8,regime", "--runs", str(tmp_path / "runs"),
+                env=dict(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}"))
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("+ ") and " train " in line]
+    assert all("--compile" in line for line in lines if "-robmask-long-s" in line)  # table8: compiled
+    lines = [line for line in lines if "-regime-" in line]
+    assert all("--amp --channels-last" in line and "--compile" not in line for line in lines)  # regime: eager
+    trains = [shlex.split(line[2:]) for line in lines]
+    first = trains[0][trains[0].index("robmask.py") + 1:]
+    assert subprocess.run([sys.executable, os.path.join(HERE, "robmask.py"), "--check", *first]).returncode == 0
+    assert len(trains) == 27 and all("--width 64 --subset 2000" in " ".join(a) for a in trains)
+    epochs = lambda name: {int(a[a.index("--epochs") + 1]) for a in trains if name in a[a.index("--out") + 1]}  # noqa: E731
+    net = rm.build_model("preactresnet18", 10, 2, 64)
+    train, attack = rm.piece_flops(net, torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    for tag, steps in (("eps8", 7), ("eps2", 2)):
+        ratio = rm.method_flops("robmask", train, attack, steps) / rm.method_flops("bn", train, attack)
+        assert epochs(f"bn-{tag}-matched") == {round(60 * ratio)}
+    assert epochs("-e60-") == {60} and epochs("-e12-") == {12}
+    (cost,) = [line for line in r.stdout.splitlines() if line.startswith("#   regime ")]
+    assert 0 < float(cost.split()[4]) <= 0.15  # GPU-hours on the H200 rate: a 9-minute command has to fit
+    r = run_all("--dry-run", "--only", "regime", "--runs", str(tmp_path / "runs"), env=dict(JOBS="two"))
+    assert r.returncode == 2 and "JOBS" in r.stderr
+
+
+@pytest.mark.slow
+def test_run_all_regime_runs_side_by_side_and_names_a_failed_run(tmp_path):
+    """The GPU preset's runner on the CPU: 27 tiny runs, 3 at a time, each with its own log; a run that fails stops the
+    stage with a message that names its log (here: one run's --out is a file, so that run fails), and a second call
+    makes only the missing run."""
+    env = dict(REGIME="--width 4 --subset 64 --test-n 32 --batch-size 32", REGIME_EPOCHS="5", JOBS="3", FAST="")
+    runs, name = tmp_path / "runs", "cifar10-preactresnet18-regime-robmask-eps2-e1-s2"
+    runs.mkdir()
+    (runs / name).write_text("not a folder")
+    r = run_all("--only", "regime", "--data", "synthetic", "--runs", str(runs), env=env, timeout=900)
+    assert r.returncode == 1 and "1 run(s)" in r.stderr and f"logs/{name}.log" in r.stderr, r.stderr
+    assert len(list((runs / "logs").glob("*.log"))) == 27 and r.stdout.count("[done]") == 26
+    assert "is not a folder" in (runs / "logs" / f"{name}.log").read_text()
+    assert len([d for d in runs.iterdir() if (d / "eval-clean.json").is_file()]) == 26
+    (runs / name).unlink()
+    r = run_all("--only", "regime", "--data", "synthetic", "--runs", str(runs), env=env, timeout=900)
+    assert r.returncode == 0 and "regime-curves.png" in r.stdout, r.stderr
+    skipped = [p for p in (runs / "logs").glob("*.log") if "[skip]" in p.read_text()]
+    assert len(skipped) == 26 and (runs / name / "eval-pgd20-eps2.json").is_file()
+
+
 @pytest.mark.parametrize("writer", ["eval", "tradeoff", "plot", "report", "export"])
 def test_a_writer_replaces_its_own_output_and_a_foreign_file_only_with_force(tiny_runs, tmp_path, writer):
     root, a, _ = tiny_runs
