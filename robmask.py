@@ -28,7 +28,7 @@ Speed and scale (details where they are used):
     device, the loss is checked every FINITE_EVERY steps); cudnn.benchmark and TF32. Tested under fake CUDA tensors.
 
 Evidence (results/ holds the logs and commands): a RobMask step costs AdvProp's (bench: 1.007 on 2 CPU cores, 0.980
-on an H200); the CPU studies (stats, split, regime) each say whether they ran on the network fixed in issue 29.
+on an H200); the CPU studies stats and split are re-run on the network fixed in issue 29, regime not yet.
 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
         python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched   (and --help)"""
@@ -126,7 +126,7 @@ def encode(p, k, onehot=False, device=None):
 #           paper's literal reading ("normalisation only has marginal influence").
 # Under mixed and split AdvProp (one-hot u) is untouched, and "AdvProp is RobMask with k=2 and p frozen
 # at 1" holds bit for bit (tested). The default, mixed, was decided by measurement (results/stats-cpu/STUDY.md): the
-# best clean accuracy at u(0) over 3 seeds, and AdvProp keeps its own two sets of statistics.
+# best clean accuracy at u(0) over 3 seeds (split 0.1 behind, shared 2.5), and AdvProp keeps its own two sets.
 class MaskedBatchNorm2d(nn.Module):
     """BatchNorm2d with k bases for the affine rescaling: W (k×C) holds the γ bases w_j, Wp (k×C) the β bases w'_j (the
     paper's W'). Buffers: running_mean, running_var (k×C, or 1×C for --bn-stats shared); u (k,), the current encoding.
