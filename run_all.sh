@@ -46,7 +46,8 @@
 #             not for regime's side-by-side runs; FAST= turns them off)
 #   With --quick only: SMALL (model/data size of table3/7/8), R18 (of the ResNet-18 tables), LONG, SHORT
 #   (their epochs), R18_EPOCHS. At both scales: REGIME (data/model of `regime`), REGIME_EPOCHS, and JOBS (regime's
-#   runs at once: 1 with --quick, 9 without; above 1 its matched BN gets RobMask's counted FLOPs, not its wall time).
+#   runs at once: 1 with --quick, 9 without; above 1 its matched BN gets RobMask's counted FLOPs, not its wall time),
+#   REGIME_SEEDS (default 0,1,2; more seeds for an undecided cell, paired across its methods: 3,4,5).
 # A dataset whose folder does not exist is skipped, with a message; `mkdir -p data/cifar10 data/cifar100`
 # lets torchvision download CIFAR on a machine that is online.
 #
@@ -167,7 +168,8 @@ else
   read -r -a REGIME <<< "${REGIME:---width 64 --subset 2000 --test-n 1000}"
   REGIME_EPOCHS=${REGIME_EPOCHS:-60} JOBS=${JOBS:-9}
 fi
-JOBS=${JOBS:-1}
+JOBS=${JOBS:-1} REGIME_SEEDS=${REGIME_SEEDS:-0,1,2}
+[[ $REGIME_SEEDS =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "run_all.sh: REGIME_SEEDS must be a comma list of seeds, not '$REGIME_SEEDS'" >&2; exit 2; }
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: JOBS must be a positive integer, not '$JOBS'" >&2; exit 2; }
 FIG=$RUNS/figures
 STAGE=setup
@@ -400,21 +402,24 @@ regime_cells() {  # regime_cells main|extra SEED...: the decisive cells at E, or
 }
 stage_regime() {  # one at a time: the decisive cells first (bn, advprop, robmask at E), then E/5 and the compute-matched
   have "$DATA" CIFAR-10 || return 0  # BN, seed-major. JOBS > 1: side by side, the long matched BN runs started first
-  local m r=cifar10-preactresnet18-regime FAST=("${FAST[@]}") flops=()
+  local m r=cifar10-preactresnet18-regime FAST=("${FAST[@]}") flops=() seeds=(${REGIME_SEEDS//,/ })
   local arms="eps8:8/255:7 eps2:2/255:2" base=(--arch preactresnet18 "${C10[@]}" "${REGIME[@]}")
-  if ((JOBS == 1)); then regime_cells main 0 1 2; regime_cells extra 0 1 2
+  if ((JOBS == 1)); then regime_cells main "${seeds[@]}"; regime_cells extra "${seeds[@]}"
   else  # the matched BN by counted FLOPs (wall time means little for runs that share a GPU), eager unless FAST is set
     read -r -a flops <<< "$(matched_flops 7,2)"  # (eps8's and eps2's PGD steps, in the order of $arms)
     ((${#flops[@]} == 2)) || { echo "run_all.sh: stage $STAGE failed: could not count the FLOPs for the matched BN" >&2; exit 1; }
     [[ -n $FAST_SET ]] || { FAST=(); for m in $DEFAULT_FAST; do [[ $m == --compile ]] || FAST+=("$m"); done; }
     ((DRY)) || trap 'for m in $(jobs -p); do stop_tree "$m"; done' EXIT  # an error or Ctrl-C stops the runs too
     ((DRY)) || trap 'exit 130' INT TERM
-    regime_cells extra 0 1 2; regime_cells main 0 1 2  # (27 short runs would compile for longer than it saves)
+    regime_cells extra "${seeds[@]}"; regime_cells main "${seeds[@]}"  # (27 short runs would compile longer than it saves)
     cells_done
   fi
   local runs=() d  # the figure: test and training accuracy per epoch, one line per cell at E, its mean over the seeds
-  for d in "$RUNS/$r"-{bn,advprop-eps8,robmask-eps8,advprop-eps2,robmask-eps2}-e$REGIME_EPOCHS-s{0,1,2}; do  # that ran
-    [[ -e $d/log.jsonl && $(wc -l < "$d/log.jsonl") -eq $REGIME_EPOCHS ]] || ((DRY)) && runs+=("$d")  # all E epochs
+  for d in bn advprop-eps8 robmask-eps8 advprop-eps2 robmask-eps2; do
+    for m in "${seeds[@]}"; do  # the runs that ran all E epochs
+      [[ -e $RUNS/$r-$d-e$REGIME_EPOCHS-s$m/log.jsonl && $(wc -l < "$RUNS/$r-$d-e$REGIME_EPOCHS-s$m/log.jsonl") -eq $REGIME_EPOCHS ]] ||
+        ((DRY)) && runs+=("$RUNS/$r-$d-e$REGIME_EPOCHS-s$m")
+    done
   done
   if ((${#runs[@]})); then run "$PY" robmask.py plot curves "${runs[@]}" --out "$FIG/regime-curves.png"; fi  # redrawn as seeds land
 }
