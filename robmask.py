@@ -33,7 +33,7 @@ on an H200); the CPU studies stats and split are re-run on the network fixed in 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
         python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched   (and --help)"""
 import argparse, contextlib, copy, functools, gc, hashlib, itertools, json, math, os  # noqa: E401
-import pickle, re, signal, stat, sys, tempfile, time  # noqa: E401
+import pickle, re, signal, stat, sys, tempfile, threading, time  # noqa: E401
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -1450,6 +1450,8 @@ class Runs:
         """'partial: E/N ep' for a run that stopped before its last epoch, else None."""
         n, want = len(self.log(d)), self.args(d).get("epochs")
         return f"partial: {n}/{want} ep" if isinstance(want, int) and n < want else None
+    def derailed(self, d):  # issue 31: a branch's epoch-mean loss passed 2 ln 10 (twice a uniform guess's), or it stopped short
+        return bool(self.unfinished(d)) or any(max(e.get("branch_loss") or [e.get("train_loss", 0)]) > 2 * math.log(10) for e in self.log(d))
     def counts(self, d, file=None):
         """Whether run d's numbers (its log, or its evaluation `file`) count; notes a partial run and leaves out an
         evaluation of weights that the run no longer holds (retrained since: another run_id)."""
@@ -1568,8 +1570,7 @@ def stats_section(R, out):
 
 def regime_section(R, out):
     """The overfitting-regime study of run_all.sh's `regime` stage: per arm, mean ± std and paired differences."""
-    found = [re.match(r"cifar10-preactresnet18-regime-bn-e(\d+)-s\d+$", d) for d in sorted(os.listdir(R.root))]
-    big_e = next((int(m.group(1)) for m in found if m), None)
+    big_e = next((int(m[1]) for d in sorted(os.listdir(R.root)) if (m := re.match(r"cifar10-preactresnet18-regime-bn-e(\d+)-s\d+$", d))), None)
     if big_e is None: return
     name = "cifar10-preactresnet18-regime-{}".format
     out += ["## Study: where BN overfits (run_all.sh stage `regime`)", "", f"*Question:* does RobMask beat BN and "
@@ -1581,9 +1582,10 @@ def regime_section(R, out):
         for lbl, v in arms:
             logs = [log for log in map(R.log, R.seeds(name(v))) if log]
             rows.append([lbl, R.cell(list(clean[lbl].values())), R.value(("eval", name(v), f"eval-pgd20-{tag}.json", eps)),
-                         R.cell([log[-1].get("train_acc") for log in logs]), ", ".join(str(len(log)) for log in logs) or "-"])
-        out += [f"### {label}", "", table(["method", "clean, u(0), whole test set", f"PGD-20 {round(eps * 255)}/255, "
-                                           "matched mask", "final train acc", "epochs per seed"], rows), "",
+                         R.cell([log[-1].get("train_acc") for log in logs]), ", ".join(str(len(log)) for log in logs) or "-",
+                         f"{sum(R.derailed(d) for d in R.seeds(name(v)))} of {len(R.seeds(name(v)))}"])
+        out += [f"### {label}", "", table(["method", "clean, u(0), whole test set", f"PGD-20 {round(eps * 255)}/255, matched "
+                                           "mask", "final train acc", "epochs per seed", "derailed (or stopped short)"], rows), "",
                 table(["difference (points)", "per seed", "mean", "95% t-interval", "reading"],
                       [paired(arms[a][0], clean[arms[a][0]], arms[b][0], clean[arms[b][0]])
                        for a, b in ((2, 0), (2, 1), (3, 0), (2, 4))]), ""]
@@ -1847,15 +1849,17 @@ def run_training(args, given, init_from=None):
         lock = lock_run_dir(args.out) if rank0 else None
         fit(args, given, init_from)
     except BaseException:
-        # A second Ctrl-C or SIGTERM must not cut the clean-up short: both wait until it is done
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # A second Ctrl-C or SIGTERM is ignored until the clean-up is done (pthread_sigmask is not enough: see its test)
+        sigs = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        held = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
         try:
             if created and lock is not None and not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
                 for f in ("args.json", ".lock"):
                     with contextlib.suppress(OSError): os.remove(os.path.join(args.out, f))
                 for d in created:
                     with contextlib.suppress(OSError): os.rmdir(d)
-        finally: signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        finally:
+            for s, h in held.items(): signal.signal(s, h)
         raise
     finally:
         if lock is not None: lock.close()
@@ -2060,11 +2064,9 @@ COMMANDS = {"train": cmd_train, "finetune-bn": cmd_finetune_bn, "eval": cmd_eval
             "export": cmd_export, "bench": cmd_bench, "cost": cmd_cost, "plot": cmd_plot, "report": cmd_report}
 
 class Terminated(KeyboardInterrupt): """SIGTERM (a timeout, a scheduler), handled as Ctrl-C: a run that has not saved cleans up."""
-
 def on_sigterm(signum, frame): raise Terminated()
 
 def main(argv=None):
-    import threading
     parser, code, args = make_parser(), 0, None
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:

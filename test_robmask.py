@@ -12,7 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
-import time
+import threading
 import time
 
 import pytest
@@ -2075,6 +2075,28 @@ def test_report_writes_the_regime_tables_with_paired_differences(tmp_path):
 
 
 
+def test_report_counts_derailed_regime_runs(tmp_path):
+    """Issue 31: a run derailed if a branch's epoch-mean loss passed 2 ln 10 or it stopped short of its epochs. A slow start
+    (a branch at 2.5 > ln 10 in epoch 6) is not a derailment. On the committed old study it finds the five runs it named."""
+    def run(name, losses, epochs=None):
+        d = tmp_path / f"cifar10-preactresnet18-regime-{name}"
+        d.mkdir()
+        (d / "args.json").write_text(json.dumps(dict(epochs=epochs or len(losses))))
+        (d / "log.jsonl").write_text("".join(json.dumps(dict(epoch=e + 1, test_acc=0.3, seconds=1.0, train_acc=0.5, train_loss=sum(b),
+                                                              branch_loss=b)) + "\n" for e, b in enumerate(losses)))
+    run("bn-e10-s0", [[2.0]] * 10)
+    run("advprop-eps8-e10-s0", [[2.5, 2.5]] * 6 + [[2.0, 2.0]] * 4)  # slow: not derailed
+    run("advprop-eps8-e10-s1", [[2.0, 2.0]] * 9 + [[2.0, 4.7]])  # the adversarial branch passes 4.61 in its last epoch
+    run("robmask-eps8-e10-s0", [[2.0, 2.0]] * 3, epochs=10)  # stopped short (a NaN stops training)
+    run("robmask-eps8-e10-s1", [[4.6, 4.6]] * 10)  # just below 4.61
+    assert cli("report", tmp_path) == 0
+    rows = [r for r in (tmp_path / "RESULTS.md").read_text().splitlines() if r.startswith("| ")]
+    assert [r.split(" | ")[-1] for r in rows[1:6]] == ["0 of 1 |", "1 of 2 |", "1 of 2 |", "0 of 0 |", "0 of 0 |"]
+    assert cli("report", os.path.join(HERE, "results", "regime-cpu"), "--out", tmp_path / "old.md") == 0
+    old = [r.split(" | ")[-1] for r in (tmp_path / "old.md").read_text().splitlines() if r.startswith("| ") and " of 3 |" in r]
+    assert old == ["0 of 3 |", "1 of 3 |", "1 of 3 |", "1 of 3 |", "0 of 3 |"] + ["0 of 3 |", "1 of 3 |", "0 of 3 |", "1 of 3 |", "0 of 3 |"]
+
+
 def test_report_summarises_a_split_sweep_from_the_console_logs(tmp_path):
     """Issue 31: the split sweep's table comes from `report`. Each step's loss follows from the running means that
     --log-every 0 prints (L_k = k m_k - (k-1) m_(k-1)); a NaN run has no epoch 1 in its log and counts as diverged."""
@@ -2255,8 +2277,12 @@ def test_sigterm_before_the_first_checkpoint_leaves_nothing_behind(tmp_path, del
 
 def test_a_second_sigterm_during_the_clean_up_waits_until_it_is_done(tmp_path, monkeypatch):  # class 6
     """Issue 30: the clean-up of a new run folder ran with signals live, so a second SIGTERM (a scheduler that repeats
-    it, a process-group kill) could stop it halfway and leave .lock and args.json, and the rerun was refused."""
-    out, sent, real_remove = tmp_path / "new" / "run", [], os.remove
+    it, a process-group kill) could stop it halfway and leave .lock and args.json, and the rerun was refused. CI then
+    found that blocking the signals in this thread was not enough: the kernel hands a process's signal to any thread
+    that does not block it (here a waiting one, in CI an OpenMP worker), and Python runs the handler here anyway."""
+    out, sent, real_remove, done = tmp_path / "new" / "run", [], os.remove, threading.Event()
+    other = threading.Thread(target=done.wait)
+    other.start()
 
     def fit(args, given, init_from=None):  # the run has started: its args.json is there when the first SIGTERM lands
         (out / "args.json").write_text("{}")
@@ -2271,7 +2297,8 @@ def test_a_second_sigterm_during_the_clean_up_waits_until_it_is_done(tmp_path, m
 
     monkeypatch.setattr(rm, "fit", fit)
     monkeypatch.setattr(os, "remove", remove)
-    assert rm.main(["train", *TINY, "--out", str(out)]) == 143
+    try: assert rm.main(["train", *TINY, "--out", str(out)]) == 143
+    finally: done.set()
     assert sent and not (tmp_path / "new").exists()
 
 
