@@ -377,9 +377,7 @@ def method_loss(model, x, y, method="robmask", p=None, eps_max=EPS_MAX, attack_s
                 with attack_bn_mode(model, attack_bn), amp():
                     x_i = pgd(model, x, y, eps_i, eps_i / ALPHA_DIV, attack_steps, check=False)
             else: x_i = x
-            xs.append(x_i)
-            us.append(u)
-            advs.append(eps_i > 0)
+            xs.append(x_i); us.append(u); advs.append(eps_i > 0)
         if freeze_stats:  # finetune-bn --freeze-stats: normalise with the running stats
             for m in layers: m.eval()
         return (loss_module or BranchLoss(model, amp))(xs, us, advs, y)  # line 11 (inside each forward) and the loss
@@ -1451,7 +1449,8 @@ class Runs:
         n, want = len(self.log(d)), self.args(d).get("epochs")
         return f"partial: {n}/{want} ep" if isinstance(want, int) and n < want else None
     def derailed(self, d):  # issue 31: a branch's epoch-mean loss passed 2 ln 10 (twice a uniform guess's), or it stopped short
-        return bool(self.unfinished(d)) or any(max(e.get("branch_loss") or [e.get("train_loss", 0)]) > 2 * math.log(10) for e in self.log(d))
+        losses = [v for e in self.log(d) for v in (e["branch_loss"] if isinstance(e.get("branch_loss"), list) else [e.get("train_loss")])]
+        return bool(self.unfinished(d)) or any(isinstance(v, (int, float)) and v > 2 * math.log(10) for v in losses)
     def counts(self, d, file=None):
         """Whether run d's numbers (its log, or its evaluation `file`) count; notes a partial run and leaves out an
         evaluation of weights that the run no longer holds (retrained since: another run_id)."""

@@ -2089,9 +2089,14 @@ def test_report_counts_derailed_regime_runs(tmp_path):
     run("advprop-eps8-e10-s1", [[2.0, 2.0]] * 9 + [[2.0, 4.7]])  # the adversarial branch passes 4.61 in its last epoch
     run("robmask-eps8-e10-s0", [[2.0, 2.0]] * 3, epochs=10)  # stopped short (a NaN stops training)
     run("robmask-eps8-e10-s1", [[4.6, 4.6]] * 10)  # just below 4.61
+    run("robmask-eps8-e10-s2", [[2.0]] * 10)  # a hand-damaged log: no list of branch losses, then junk in it, then only train_loss
+    rows = [json.loads(r) for r in (tmp_path / "cifar10-preactresnet18-regime-robmask-eps8-e10-s2" / "log.jsonl").read_text().splitlines()]
+    rows[0]["branch_loss"], rows[1]["branch_loss"], rows[9]["train_loss"] = "garbled", [None, "x", True], 9.0
+    del rows[9]["branch_loss"]
+    (tmp_path / "cifar10-preactresnet18-regime-robmask-eps8-e10-s2" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli("report", tmp_path) == 0
     rows = [r for r in (tmp_path / "RESULTS.md").read_text().splitlines() if r.startswith("| ")]
-    assert [r.split(" | ")[-1] for r in rows[1:6]] == ["0 of 1 |", "1 of 2 |", "1 of 2 |", "0 of 0 |", "0 of 0 |"]
+    assert [r.split(" | ")[-1] for r in rows[1:6]] == ["0 of 1 |", "1 of 2 |", "2 of 3 |", "0 of 0 |", "0 of 0 |"]
     assert cli("report", os.path.join(HERE, "results", "regime-cpu"), "--out", tmp_path / "old.md") == 0
     old = [r.split(" | ")[-1] for r in (tmp_path / "old.md").read_text().splitlines() if r.startswith("| ") and " of 3 |" in r]
     assert old == ["0 of 3 |", "1 of 3 |", "1 of 3 |", "1 of 3 |", "0 of 3 |"] + ["0 of 3 |", "1 of 3 |", "0 of 3 |", "1 of 3 |", "0 of 3 |"]
