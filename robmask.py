@@ -28,7 +28,7 @@ Speed and scale (details where they are used):
     device, the loss is checked every FINITE_EVERY steps); cudnn.benchmark and TF32. Tested under fake CUDA tensors.
 
 Evidence (results/ holds the logs and commands): a RobMask step costs AdvProp's (bench: 1.007 on 2 CPU cores, 0.980
-on an H200); the CPU studies stats and split are re-run on the network fixed in issue 29, regime in part (11 of 27 runs).
+on an H200); the CPU studies stats and split are re-run on the network fixed in issue 29, regime in part (23 of 27 runs).
 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
         python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched   (and --help)"""
@@ -1543,9 +1543,10 @@ def verdict(d):
     lo, hi = mean - t(n) * sd / n ** 0.5, mean + t(n) * sd / n ** 0.5
     if mean >= 1 and lo > 0: return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
     if mean <= 0 and hi < 0.5: return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
-    more = next((m for m in range(n + 1, 101) if t(m) * sd / m ** 0.5 < abs(mean)), None)
+    gap, goal = (0.5 - mean, "fall below +0.5") if mean <= 0 else (mean, "exclude 0")  # the rule's projection: the n at which
+    more = next((m for m in range(n + 1, 101) if t(m) * sd / m ** 0.5 < gap), None)  # the interval would exclude 0 (or fall below +0.5)
     return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", (
-        f"undecided: about {more} seeds would exclude 0" if more else "undecided at any number of seeds near this mean")
+        f"undecided: about {more} seeds would {goal}" if more else "undecided at any number of seeds near this mean")
 
 def paired(label_a, a, label_b, b):
     """A row of paired per-seed differences a − b (points) of two {seed: accuracy} maps, read by the rule."""

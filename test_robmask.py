@@ -2054,6 +2054,11 @@ def test_the_regime_rule_reads_paired_differences_as_issue_16_wrote_it():
     assert (mean, interval, reading) == ("-1.00", "[-2.24, +0.24]", "refutes it at this scale")
     assert rm.verdict([0.5, -0.5, 1.0])[2].startswith("undecided")
     assert rm.verdict([0.8, 0.9, 1.0])[2].startswith("undecided")  # the interval excludes 0, but the mean is < +1
+    # the projection (issue 16: "the n at which the interval would exclude 0, or fall below +0.5"): for a mean <= 0 the
+    # upper end passes +0.5 first (issue 31's fixed-network cells: 5 seeds here, not the 72 that excluding 0 needs)
+    assert rm.verdict([-0.19, -0.46, 0.36])[2] == "undecided: about 5 seeds would fall below +0.5"
+    assert rm.verdict([0.77, 0.30, 0.21])[2] == "undecided: about 5 seeds would exclude 0"
+    assert rm.verdict([-1.23, -0.27, -2.58])[2] == "undecided: about 4 seeds would fall below +0.5"
     assert rm.verdict([3.0])[2] == "needs 2 seeds or more"
 
 
