@@ -28,7 +28,7 @@ Speed and scale (details where they are used):
     device, the loss is checked every FINITE_EVERY steps); cudnn.benchmark and TF32. Tested under fake CUDA tensors.
 
 Evidence (results/ holds the logs and commands): a RobMask step costs AdvProp's (bench: 1.007 on 2 CPU cores, 0.980
-on an H200); the CPU studies stats and split are re-run on the network fixed in issue 29, regime in part (23 of 27 runs).
+on an H200); the CPU studies stats, split and regime (all 27 runs, and extra seeds) are re-run on the network fixed in issue 29.
 
 Usage:  python robmask.py train --dataset cifar10 --arch preactresnet18 --method robmask
         python robmask.py eval runs/x/checkpoint.pt --attack pgd --eps 0,8/255 --mask matched   (and --help)"""
