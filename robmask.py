@@ -1299,8 +1299,7 @@ def bn_tensors(model, layer):
     layers = masked_layers(model)
     if not 1 <= layer <= len(layers):
         die(f"--layer {layer} is out of range: the model has {len(layers)} BN layers (1..{len(layers)})")
-    set_mask(model, encode(0.0, layers[0].k))
-    m = layers[layer - 1]
+    m = layers[layer - 1]; set_mask(model, encode(0.0, m.k))  # every layer shares k; read at the clean basis u(0)
     return [t.detach() for t in (*m.eval_stats(), m.mix(m.W), m.mix(m.Wp))]
 
 def plot_bn_params(args, fig):
@@ -1541,12 +1540,13 @@ def verdict(d):
     mean, t = sum(d) / n, lambda m: T975[m - 2] if m <= 11 else 1.96  # noqa: E731
     sd = (sum((v - mean) ** 2 for v in d) / (n - 1)) ** 0.5
     lo, hi = mean - t(n) * sd / n ** 0.5, mean + t(n) * sd / n ** 0.5
-    if mean >= 1 and lo > 0: return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "supports the claim at this scale"
-    if mean <= 0 and hi < 0.5: return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", "refutes it at this scale"
+    iv = f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]"
+    if mean >= 1 and lo > 0: return *iv, "supports the claim at this scale"
+    if mean <= 0 and hi < 0.5: return *iv, "refutes it at this scale"
+    if lo > 0: return *iv, "undecided: the interval excludes 0, but a mean under +1 cannot support the claim"
     gap, goal = (0.5 - mean, "fall below +0.5") if mean <= 0 else (mean, "exclude 0")  # the rule's projection: the n at which
     more = next((m for m in range(n + 1, 101) if t(m) * sd / m ** 0.5 < gap), None)  # the interval would exclude 0 (or fall below +0.5)
-    return f"{mean:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", (
-        f"undecided: about {more} seeds would {goal}" if more else "undecided at any number of seeds near this mean")
+    return *iv, f"undecided: about {more} seeds would {goal}" if more else "undecided at any number of seeds near this mean"
 
 def paired(label_a, a, label_b, b):
     """A row of paired per-seed differences a − b (points) of two {seed: accuracy} maps, read by the rule."""

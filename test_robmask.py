@@ -2053,7 +2053,8 @@ def test_the_regime_rule_reads_paired_differences_as_issue_16_wrote_it():
     mean, interval, reading = rm.verdict([-1.0, -0.5, -1.5])  # mean -1, interval [-2.24, 0.24]
     assert (mean, interval, reading) == ("-1.00", "[-2.24, +0.24]", "refutes it at this scale")
     assert rm.verdict([0.5, -0.5, 1.0])[2].startswith("undecided")
-    assert rm.verdict([0.8, 0.9, 1.0])[2].startswith("undecided")  # the interval excludes 0, but the mean is < +1
+    # the interval excludes 0 but the mean is < +1: no number of seeds near this mean would support or refute it
+    assert rm.verdict([0.8, 0.9, 1.0])[2] == "undecided: the interval excludes 0, but a mean under +1 cannot support the claim"
     # the projection (issue 16: "the n at which the interval would exclude 0, or fall below +0.5"): for a mean <= 0 the
     # upper end passes +0.5 first (issue 31's fixed-network cells: 5 seeds here, not the 72 that excluding 0 needs)
     assert rm.verdict([-0.19, -0.46, 0.36])[2] == "undecided: about 5 seeds would fall below +0.5"
